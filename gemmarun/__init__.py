@@ -1,0 +1,21 @@
+"""gemmarun: a fast, exact runtime for Gemma 2 and Gemma 3 text models."""
+from .config import PRESETS, GemmaConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ContextLengthError,
+    GemmarunError,
+    InvalidParameterError,
+    ModelNotFoundError,
+)
+from .generate import GenerationResult
+from .lm import LanguageModel, TextGenerationPipeline, load, pipeline
+from .sampling import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GemmaConfig", "PRESETS", "LanguageModel", "TextGenerationPipeline", "GenerationResult", "SamplingParams",
+    "load", "pipeline", "GemmarunError", "CheckpointError", "ConfigError", "ContextLengthError",
+    "InvalidParameterError", "ModelNotFoundError",
+]  # fmt: skip

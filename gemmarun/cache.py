@@ -1,0 +1,130 @@
+"""KV cache: full-length buffers for global layers, ring buffers for sliding layers.
+
+Every slot stores the absolute position of the token in it (-1 when empty), so the attention
+mask is computed from positions alone: exact past the window and for batch rows that sit at
+different positions. Each buffer has one extra "trash" slot at the end where padding tokens
+are written, so a batched write never needs a per-row branch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import GemmaConfig
+
+
+@dataclass
+class AttnPlan:
+    """How one layer kind attends during one forward call (shared by all layers of that kind)."""
+
+    slots: torch.Tensor  # (B, T) slot each new token is written to; the trash slot for padding
+    mask: torch.Tensor  # (B, 1, T, S) True where a query may see a key
+    concat: bool  # keys are [cache before this call] + [this call's keys] (sliding prefill)
+    end: int  # attend over buffer slots [:end] (global layers only need the filled prefix)
+
+
+class KVCache:
+    """Per-layer K/V buffers of shape (B, Hkv, S + 1, D), S = context (global) or window (sliding)."""
+
+    def __init__(self, config: GemmaConfig, batch_size: int, context: int, dtype: torch.dtype, device="cpu"):
+        self.config = config
+        self.batch_size = batch_size
+        self.context = context
+        window = min(config.sliding_window, context)
+        self.size = {"global": context, "sliding": window}
+        b, h, d = batch_size, config.num_key_value_heads, config.head_dim
+        self.k, self.v = [], []
+        for i in range(config.num_hidden_layers):
+            s = self.size["sliding" if config.is_sliding(i) else "global"] + 1
+            self.k.append(torch.zeros(b, h, s, d, dtype=dtype, device=device))
+            self.v.append(torch.zeros(b, h, s, d, dtype=dtype, device=device))
+        # absolute position held by each slot, one table per layer kind
+        self.pos = {kind: torch.full((b, n + 1), -1, dtype=torch.long, device=device) for kind, n in self.size.items()}
+        self.filled = 0  # 1 + the highest position written so far (global slots are positions)
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Forget everything (or only the given batch rows) so the slots can be reused."""
+        for p in self.pos.values():
+            if rows is None:
+                p.fill_(-1)
+            else:
+                p[rows] = -1
+        if rows is None:
+            self.filled = 0
+
+    def plan(self, positions: torch.Tensor) -> dict[str, AttnPlan]:
+        """Build both kinds' write slots and masks for `positions` (B, T; -1 = padding), then record them."""
+        cfg = self.config
+        valid = positions >= 0
+        plans = {}
+        for kind, size in self.size.items():
+            sliding = kind == "sliding"
+            pos_table = self.pos[kind]
+            if sliding:
+                # Of a chunk longer than the window only the last `size` tokens of each row survive;
+                # writing the older ones too would collide in the ring.
+                row_last = positions.max(dim=1, keepdim=True).values
+                write = valid & (positions > row_last - size)
+                slots = torch.where(write, positions % size, size)
+            else:
+                if int(positions.max()) >= size:
+                    raise IndexError(f"position {int(positions.max())} is past the cache's context {size}")
+                slots = torch.where(valid, positions, size)
+            concat = sliding and positions.shape[1] > 1
+            q = positions[:, None, :, None]  # (B, 1, T, 1)
+            if concat:
+                # Attend to the cache as it was plus this chunk, since the chunk overwrites ring slots
+                # that its own earlier queries still need.
+                kpos = torch.cat([pos_table, torch.where(valid, positions, -1)], dim=1)
+            else:
+                pos_table.scatter_(1, slots, torch.where(valid, positions, -1))
+                pos_table[:, size] = -1  # the trash slot never holds a visible key
+                kpos = pos_table
+            end = kpos.shape[1]
+            if not sliding:
+                end = max(self.filled, int(positions.max()) + 1)
+                kpos = kpos[:, :end]
+            k = kpos[:, None, None, :]  # (B, 1, 1, S)
+            mask = (k >= 0) & (k <= q)
+            if sliding:
+                mask &= q - k < cfg.sliding_window  # the query itself and window - 1 keys before it
+            plans[kind] = AttnPlan(slots=slots, mask=mask, concat=concat, end=end)
+            if concat:
+                pos_table.scatter_(1, slots, torch.where(valid, positions, -1))
+                pos_table[:, size] = -1
+        self.filled = max(self.filled, int(positions.max()) + 1)
+        return plans
+
+    def update(self, layer: int, plan: AttnPlan, k: torch.Tensor, v: torch.Tensor):
+        """Write this call's k, v (B, Hkv, T, D) and return the keys/values to attend over."""
+        kc, vc = self.k[layer], self.v[layer]
+        idx = plan.slots[:, None, :, None].expand_as(k)
+        if plan.concat:
+            keys = torch.cat([kc, k], dim=2)
+            values = torch.cat([vc, v], dim=2)
+            kc.scatter_(2, idx, k)
+            vc.scatter_(2, idx, v)
+            return keys, values
+        if k.shape[2] == 1:
+            # One token per row: index_put with per-row slots avoids building an expanded index.
+            rows = torch.arange(k.shape[0], device=k.device)
+            kc[rows, :, plan.slots[:, 0]] = k[:, :, 0]
+            vc[rows, :, plan.slots[:, 0]] = v[:, :, 0]
+        else:
+            kc.scatter_(2, idx, k)
+            vc.scatter_(2, idx, v)
+        return kc[:, :, : plan.end], vc[:, :, : plan.end]
+
+
+def plan_without_cache(config: GemmaConfig, positions: torch.Tensor) -> dict[str, AttnPlan]:
+    """Masks for a forward pass over one self-contained chunk (no cache)."""
+    q = positions[:, None, :, None]
+    k = torch.where(positions >= 0, positions, -1)[:, None, None, :]
+    causal = (k >= 0) & (k <= q)
+    t = positions.shape[1]
+    empty = torch.empty(positions.shape[0], 0, dtype=torch.long, device=positions.device)
+    return {
+        "global": AttnPlan(slots=empty, mask=causal, concat=False, end=t),
+        "sliding": AttnPlan(slots=empty, mask=causal & (q - k < config.sliding_window), concat=False, end=t),
+    }

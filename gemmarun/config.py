@@ -1,0 +1,234 @@
+"""GemmaConfig: one frozen dataclass for Gemma 2 and Gemma 3 text, read from config.json or GGUF."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+SLIDING = "sliding_attention"
+GLOBAL = "full_attention"
+
+GEMMA2_TYPES = ("gemma2",)
+GEMMA3_TYPES = ("gemma3_text", "gemma3")
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    model_type: str  # "gemma2" or "gemma3_text"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float  # scores are scaled by its -1/2 power
+    sliding_window: int  # a sliding-layer query sees itself and the sliding_window - 1 keys before it
+    layer_types: tuple[str, ...]  # SLIDING or GLOBAL per layer; read, never assumed
+    rope_theta: float = 10000.0  # RoPE base of global layers
+    rope_local_theta: float = 10000.0  # RoPE base of sliding layers (Gemma 3 differs from global)
+    rope_scaling_factor: float = 1.0  # linear RoPE scaling on global layers (Gemma 3 4B+)
+    attn_logit_softcapping: float | None = None  # Gemma 2: 50.0
+    final_logit_softcapping: float | None = None  # Gemma 2: 30.0
+    qk_norm: bool = False  # Gemma 3: per-head RMSNorm on q and k
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    hidden_activation: str = "gelu_pytorch_tanh"
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+    extra_eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"config has {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers; fix config.json"
+            )
+        bad = set(self.layer_types) - {SLIDING, GLOBAL}
+        if bad:
+            raise ConfigError(f"unsupported layer type(s) {sorted(bad)}; expected {SLIDING!r} or {GLOBAL!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def is_gemma2(self) -> bool:
+        return self.model_type == "gemma2"
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def num_parameters(self) -> int:
+        """Parameter count with the tied embedding counted once."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        block = attn + 3 * h * i + 4 * h + (2 * d if self.qk_norm else 0)
+        return self.vocab_size * h + self.num_hidden_layers * block + h
+
+    def replace(self, **changes) -> "GemmaConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> "GemmaConfig":
+        """Build from a Hugging Face config.json dict (old and v5 layouts)."""
+        model_type = raw.get("model_type")
+        if model_type == "gemma3" and "text_config" in raw:
+            text = dict(raw["text_config"])
+            text.setdefault("model_type", "gemma3_text")
+            return cls.from_hf(text)
+        if model_type not in GEMMA2_TYPES + GEMMA3_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; gemmarun runs gemma2 and gemma3_text checkpoints"
+            )
+        gemma2 = model_type == "gemma2"
+        try:
+            n_layers = int(raw["num_hidden_layers"])
+            hidden = int(raw["hidden_size"])
+            heads = int(raw["num_attention_heads"])
+            head_dim = int(raw.get("head_dim") or hidden // heads)
+            layer_types = raw.get("layer_types")
+            if layer_types is None:
+                if gemma2:  # Gemma 2 alternates, starting with a sliding layer
+                    layer_types = [SLIDING if i % 2 == 0 else GLOBAL for i in range(n_layers)]
+                else:
+                    pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
+                    layer_types = [GLOBAL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers)]
+            rope_theta, local_theta, factor = _rope_from_hf(raw, gemma2)
+            eos = raw.get("eos_token_id", 1)
+            eos_list = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+            return cls(
+                model_type="gemma2" if gemma2 else "gemma3_text",
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_hidden_layers=n_layers,
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=head_dim,
+                query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or head_dim),
+                sliding_window=int(raw.get("sliding_window") or 4096),
+                layer_types=tuple(layer_types),
+                rope_theta=rope_theta,
+                rope_local_theta=local_theta,
+                rope_scaling_factor=factor,
+                attn_logit_softcapping=_opt_float(raw.get("attn_logit_softcapping")),
+                final_logit_softcapping=_opt_float(raw.get("final_logit_softcapping")),
+                qk_norm=not gemma2,
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 8192)),
+                hidden_activation=raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh",
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+                bos_token_id=int(raw.get("bos_token_id", 2) if raw.get("bos_token_id") is not None else 2),
+                eos_token_id=int(eos_list[0]),
+                pad_token_id=int(raw.get("pad_token_id", 0) if raw.get("pad_token_id") is not None else 0),
+                extra_eos_token_ids=tuple(int(e) for e in eos_list[1:]),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.json has a malformed field: {e}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "GemmaConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} does not hold a JSON object")
+        return cls.from_hf(raw)
+
+    def to_hf(self) -> dict:
+        """The config.json dict transformers reads (used when writing checkpoints)."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling_factor != 1.0:
+            rope = {"rope_type": "linear", "factor": self.rope_scaling_factor, "rope_theta": self.rope_theta}
+        d = {
+            "model_type": self.model_type,
+            "architectures": ["Gemma2ForCausalLM" if self.is_gemma2 else "Gemma3ForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_activation": self.hidden_activation,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": [self.eos_token_id, *self.extra_eos_token_ids] if self.extra_eos_token_ids else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.is_gemma2:
+            d["rope_theta"] = self.rope_theta
+        else:
+            d["rope_parameters"] = {
+                GLOBAL: rope,
+                SLIDING: {"rope_type": "default", "rope_theta": self.rope_local_theta},
+            }
+        return d
+
+
+def _opt_float(v) -> float | None:
+    return None if v is None else float(v)
+
+
+def _rope_from_hf(raw: dict, gemma2: bool) -> tuple[float, float, float]:
+    """(global base, local base, global linear factor) from either config layout."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and GLOBAL in params:  # transformers v5, per layer kind
+        glob = params[GLOBAL] or {}
+        loc = params.get(SLIDING) or {}
+        factor = float(glob.get("factor", 1.0)) if glob.get("rope_type", "default") == "linear" else 1.0
+        return float(glob.get("rope_theta", 1e6)), float(loc.get("rope_theta", 1e4)), factor
+    if isinstance(params, dict):  # v5, one set for all layers
+        theta = float(params.get("rope_theta", 10000.0))
+        factor = float(params.get("factor", 1.0)) if params.get("rope_type", "default") == "linear" else 1.0
+        local = float(raw.get("rope_local_base_freq", theta if gemma2 else 10000.0))
+        return theta, local, factor
+    theta = float(raw.get("rope_theta", 10000.0 if gemma2 else 1e6))
+    scaling = raw.get("rope_scaling") or {}
+    kind = scaling.get("rope_type") or scaling.get("type")
+    factor = float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
+    if kind not in (None, "default", "linear"):
+        raise ConfigError(f"unsupported rope_scaling type {kind!r}; gemmarun supports linear scaling")
+    local = float(raw.get("rope_local_base_freq", theta if gemma2 else 10000.0))
+    return theta, local, factor
+
+
+def _gemma2_preset(hidden, layers, heads, kv_heads, head_dim, scalar, inter) -> GemmaConfig:
+    return GemmaConfig(
+        model_type="gemma2",
+        vocab_size=256000,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        query_pre_attn_scalar=scalar,
+        sliding_window=4096,
+        layer_types=tuple(SLIDING if i % 2 == 0 else GLOBAL for i in range(layers)),
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        extra_eos_token_ids=(107,),  # <end_of_turn> ends a chat reply
+    )
+
+
+# The table in DESIGN.md section 2; only the 27B scales queries by 144**-0.5.
+PRESETS: dict[str, GemmaConfig] = {
+    "gemma-2-2b": _gemma2_preset(2304, 26, 8, 4, 256, 256, 9216),
+    "gemma-2-9b": _gemma2_preset(3584, 42, 16, 8, 256, 256, 14336),
+    "gemma-2-27b": _gemma2_preset(4608, 46, 32, 16, 128, 144, 36864),
+}

@@ -1,0 +1,141 @@
+"""The public Python API: load(), LanguageModel.generate/stream/logits, and pipeline()."""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import ContextLengthError, InvalidParameterError
+from .generate import GenerationResult, Generator
+from .loader import load_checkpoint, parse_dtype, resolve, warn_dtype
+from .sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class LanguageModel:
+    """A loaded model with its tokenizer; what gemmarun.load() returns."""
+
+    def __init__(self, model, tokenizer, config, source: str, context: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.source = source
+        limit = config.max_position_embeddings
+        if context is not None and (not isinstance(context, int) or context < 2):
+            raise InvalidParameterError(f"context must be an integer >= 2, got {context!r}")
+        if context is not None and context > limit:
+            raise ContextLengthError(f"context {context} exceeds the model's limit of {limit} tokens")
+        self.context = context or limit
+        self.generator = Generator(model, tokenizer, self.context)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"LanguageModel({self.source!r}, {c.model_type}, {c.num_hidden_layers} layers, {self.model.dtype})"
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise InvalidParameterError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+    def _batch(self, prompt) -> tuple[list[list[int]], bool]:
+        if isinstance(prompt, str) or (len(prompt) and isinstance(prompt[0], int)):
+            return [self.encode(prompt)], False
+        if isinstance(prompt, Sequence) and len(prompt) == 0:
+            raise InvalidParameterError("the prompt is empty")
+        return [self.encode(p) for p in prompt], True
+
+    def generate(self, prompt: Prompt | Sequence[Prompt], params: SamplingParams | None = None, **kwargs):
+        """A GenerationResult for one prompt, a list of them for a list of prompts (decoded as one batch)."""
+        params = params or SamplingParams(**kwargs)
+        prompts, batched = self._batch(prompt)
+        results = self.generator.generate(prompts, params)
+        return results if batched else results[0]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, **kwargs) -> Iterator[str]:
+        """Text pieces of one prompt's continuation as they are decoded."""
+        params = params or SamplingParams(**kwargs)
+        prompts, batched = self._batch(prompt)
+        if batched:
+            raise InvalidParameterError("stream() takes one prompt; use generate() for a batch")
+        for events in self.generator.run(prompts, params):
+            for e in events:
+                if e.text:
+                    yield e.text
+
+    def logits(self, token_ids: Sequence[int] | torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """float32 logits (T, V) of every position, soft-capped: the scoring path."""
+        ids = torch.as_tensor(token_ids if isinstance(token_ids, torch.Tensor) else self.encode(token_ids), dtype=torch.long)
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise InvalidParameterError("logits() takes a non-empty 1-D sequence of token ids")
+        t = ids.numel()
+        if t > self.context:
+            raise ContextLengthError(f"{t} tokens do not fit the context of {self.context}")
+        from .cache import KVCache
+
+        device = self.model.device
+        with torch.inference_mode():
+            if t <= chunk:
+                return self.model(ids[None].to(device), torch.arange(t, device=device)[None])[0]
+            cache = KVCache(self.config, 1, t, self.model.dtype, device)
+            parts = [
+                self.model(ids[None, s : s + chunk].to(device), torch.arange(s, min(s + chunk, t), device=device)[None], cache)[0]
+                for s in range(0, t, chunk)
+            ]
+            return torch.cat(parts)
+
+
+def load(
+    source: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    context: int | None = None,
+) -> LanguageModel:
+    """Load a checkpoint folder, a .gguf file, a Hugging Face repo id (from the local cache) or,
+    with no argument, the default Gemma 3 270M model."""
+    device = torch.device(device)
+    torch_dtype = parse_dtype(dtype, device)
+    path = resolve(source)
+    config, model, tokenizer = load_checkpoint(path, torch_dtype, device)
+    warn_dtype(config, torch_dtype)
+    return LanguageModel(model, tokenizer, config, str(path), context)
+
+
+class TextGenerationPipeline:
+    """transformers-style `pipeline("text-generation")`: returns [{"generated_text": ...}]."""
+
+    def __init__(self, model: LanguageModel):
+        self.model = model
+
+    def __call__(self, inputs, max_new_tokens: int = 128, do_sample: bool = False, return_full_text: bool = True, **kw):
+        if not do_sample:
+            kw["temperature"] = 0.0
+        elif kw.get("temperature", 0) == 0:
+            kw["temperature"] = 1.0
+        params = SamplingParams(max_new_tokens=max_new_tokens, **kw)
+        if _is_chat(inputs):
+            text = self.model.tokenizer.render_chat(list(inputs))
+            out = self.model.generate(text, params)
+            return [{"generated_text": [*inputs, {"role": "assistant", "content": out.text}]}]
+        if isinstance(inputs, str):
+            out = self.model.generate(inputs, params)
+            return [{"generated_text": (inputs if return_full_text else "") + out.text}]
+        outs = self.model.generate(list(inputs), params)
+        return [[{"generated_text": (p if return_full_text else "") + o.text}] for p, o in zip(inputs, outs)]
+
+
+def _is_chat(inputs) -> bool:
+    return isinstance(inputs, (list, tuple)) and len(inputs) > 0 and isinstance(inputs[0], dict)
+
+
+def pipeline(task: str = "text-generation", model: str | LanguageModel | None = None, **load_kwargs) -> TextGenerationPipeline:
+    if task != "text-generation":
+        raise InvalidParameterError(f"unsupported pipeline task {task!r}; gemmarun provides 'text-generation'")
+    lm = model if isinstance(model, LanguageModel) else load(model, **load_kwargs)
+    return TextGenerationPipeline(lm)

@@ -1,0 +1,166 @@
+"""Find a checkpoint (folder, .gguf file, HF cache repo id, or the default model) and build the model."""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .config import GemmaConfig
+from .errors import CheckpointError, ConfigError, ModelNotFoundError
+from .model import Gemma
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
+}  # fmt: skip
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def parse_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        # torch's bf16 matrix kernels are very slow on CPUs without native bf16, so fp32 there.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ConfigError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
+    return home / "hub"
+
+
+def find_in_hf_cache(repo_id: str) -> Path | None:
+    """The snapshot folder of `repo_id` in the local Hugging Face cache, newest ref `main` first."""
+    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    if not repo.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.exists():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if (snap / "config.json").exists():
+            return snap
+    snaps = [p for p in (repo / "snapshots").glob("*") if (p / "config.json").exists()]
+    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
+
+
+def download(repo_id: str) -> Path:
+    """Fetch a checkpoint from the Hugging Face hub into its cache (needs network and huggingface_hub)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelNotFoundError(f"{repo_id!r} is not in the Hugging Face cache at {hf_cache_dir()} and HF_HUB_OFFLINE is set")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not in the Hugging Face cache at {hf_cache_dir()}; install huggingface_hub to download it"
+        ) from None
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "generation_config.json"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=str(hf_cache_dir())))
+    except Exception as e:  # network, auth and missing-repo errors all mean "not available here"
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not in the Hugging Face cache at {hf_cache_dir()} and could not be downloaded "
+            f"({type(e).__name__}); download it on a connected machine or pass a local path"
+        ) from None
+
+
+def resolve(source: str | os.PathLike | None) -> Path:
+    """A local folder or .gguf file for `source`; None means the default model."""
+    if source is None:
+        from .default_model import default_model_path
+
+        return default_model_path()
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+        return find_in_hf_cache(text) or download(text)
+    raise ModelNotFoundError(f"no model at {text!r}: give a checkpoint folder, a .gguf file or a Hugging Face repo id")
+
+
+def build_model(
+    config: GemmaConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device, source: str
+) -> Gemma:
+    """Build on the meta device and assign the checkpoint's tensors: strict, and no second copy."""
+    if not config.tie_word_embeddings:
+        raise ConfigError(f"{source}: an untied LM head is not a Gemma layout (tie_word_embeddings is false)")
+    with torch.device("meta"):
+        model = Gemma(config)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    state, unexpected = {}, []
+    for name, t in tensors:
+        name = _strip_wrapper(name)
+        if name is None or name == "lm_head.weight":  # vision tower of a gemma3 wrapper; tied head
+            continue
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies {expected[name]}")
+        state[name] = t.to(device=device, dtype=dtype)
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(sorted(unexpected)[:5])}; is the config right?")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    return model
+
+
+def _strip_wrapper(name: str) -> str | None:
+    """Names of a multimodal gemma3 checkpoint's text part, mapped to the text model's names."""
+    for prefix, repl in (("language_model.model.", "model."), ("model.language_model.", "model."), ("language_model.", "")):
+        if name.startswith(prefix):
+            return repl + name[len(prefix) :]
+    if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")):
+        return None
+    return name
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device):
+    """(config, model, tokenizer) from a folder or a .gguf file."""
+    from .tokenizer import Tokenizer
+
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"{path} is a file but not a .gguf; give a checkpoint folder or a .gguf file")
+        from .weights.gguf import load_gguf
+
+        config, state, metadata = load_gguf(path, dtype=dtype)
+        model = build_model(config, state.items(), dtype, device, str(path))
+        return config, model, Tokenizer.from_gguf_fields(metadata)
+    tokenizer = Tokenizer.from_dir(path) if (path / "config.json").exists() else None
+    config, model = load_folder_weights(path, dtype, device)
+    return config, model, tokenizer
+
+
+def load_folder_weights(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[GemmaConfig, Gemma]:
+    """Config and weights of a Hugging Face checkpoint folder (no tokenizer needed)."""
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face checkpoint folder")
+    from .weights.safetensors import iter_tensors, shard_files
+
+    config = GemmaConfig.from_json_file(path / "config.json")
+    return config, build_model(config, iter_tensors(shard_files(path)), dtype, device, str(path))
+
+
+def warn_dtype(config: GemmaConfig, dtype: torch.dtype) -> None:
+    if dtype == torch.float16:
+        warnings.warn(
+            "float16 overflows in Gemma's activations (NaN or <pad> output); use bfloat16 or float32",
+            stacklevel=3,
+        )

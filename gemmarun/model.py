@@ -1,0 +1,188 @@
+"""The Gemma 2 / Gemma 3 text decoder: forward(tokens, positions, cache) -> logits.
+
+Module names follow the Hugging Face checkpoints, so a safetensors state dict loads as is.
+Every Gemma numeric quirk is written where it happens, with its reason (DESIGN.md section 2).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import AttnPlan, KVCache, plan_without_cache
+from .config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # stored as w; the scale is (1 + w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 throughout, and 1 + w added in fp32: in bf16 the sum loses w's low bits.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class Rope:
+    """Rotary embedding on the full head_dim, half-split layout (rotate_half)."""
+
+    def __init__(self, head_dim: int, base: float, scaling: float = 1.0):
+        # Linear scaling divides positions by the factor, i.e. divides the frequencies.
+        # Explicit CPU device: models are built under torch.device("meta"), and this is no parameter.
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.inv_freq = 1.0 / (base**exponent) / scaling
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        # (B, T) -> two (B, 1, T, D); angles in fp32, then cast like the reference does.
+        freqs = positions.clamp(min=0).float()[..., None] * self.inv_freq.to(positions.device)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.sliding = config.is_sliding(layer)
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        if config.qk_norm:  # Gemma 3 normalises each head's q and k
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        # Gemma scales by query_pre_attn_scalar**-0.5, not head_dim**-0.5 (they differ on 27B: 144).
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.softcap = config.attn_logit_softcapping
+
+    def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer, plan, k, v)  # (B, Hkv, S, D)
+        g = self.n_heads // self.n_kv
+        # GQA without repeating K/V: fold the g query heads of a group into the time axis.
+        q = q.reshape(b, self.n_kv, g * t, self.head_dim)
+        scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, Hkv, g*T, S)
+        if self.softcap is not None:
+            # Soft-cap before the mask; fused SDPA paths that skip this are a known Gemma 2 bug.
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        s = scores.shape[-1]
+        scores = scores.view(b, self.n_kv, g, t, s)
+        # finfo.min rather than -inf: padding queries see no key and must not turn into NaN.
+        scores = scores.masked_fill(~plan.mask[:, :, None], torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(b, self.n_kv, g * t, s)
+        out = (probs @ v).view(b, self.n_heads, t, self.head_dim)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        # GeGLU with the tanh approximation of GELU, as Gemma was trained.
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        # Four norms per block: Gemma normalises both the input and the output of each sublayer.
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, x, cos, sin, plan, cache):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, plan, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Backbone(nn.Module):
+    """Named `model` inside Gemma so parameter names match the checkpoints (model.layers.N...)."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Gemma(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.rope_global = Rope(config.head_dim, config.rope_theta, config.rope_scaling_factor)
+        self.rope_local = Rope(config.head_dim, config.rope_local_theta)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        select: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens, positions: (B, T); positions < 0 mark padding.
+
+        Returns float32 logits (B, T, V), or (B, V) at the indices `select` (B,) when given,
+        which is how decoding computes the lm_head for one position only.
+        """
+        cfg = self.config
+        dtype = self.dtype
+        x = self.model.embed_tokens(tokens)  # (B, T, C)
+        # sqrt(hidden) rounded to the activation dtype first: the reference multiplies by a bf16 scalar.
+        x = x * torch.tensor(math.sqrt(cfg.hidden_size), dtype=dtype)
+        plans = cache.plan(positions) if cache is not None else plan_without_cache(cfg, positions)
+        cos_g, sin_g = self.rope_global.cos_sin(positions, dtype)
+        cos_l, sin_l = self.rope_local.cos_sin(positions, dtype)
+        for layer in self.model.layers:
+            if layer.self_attn.sliding:
+                x = layer(x, cos_l, sin_l, plans["sliding"], cache)
+            else:
+                x = layer(x, cos_g, sin_g, plans["global"], cache)
+        if select is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (B, 1, C)
+        x = self.model.norm(x)
+        logits = F.linear(x, self.model.embed_tokens.weight).float()  # tied LM head
+        if cfg.final_logit_softcapping is not None:
+            # Final soft-cap: greedy decoding hides its absence, log-probabilities do not.
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits[:, 0] if select is not None else logits

@@ -1,0 +1,113 @@
+"""SamplingParams and sample(): turning one row of logits into one token id."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InvalidParameterError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # CTRL-style: divides positive logits of seen tokens
+    presence_penalty: float = 0.0  # OpenAI-style, subtracted once per seen token
+    frequency_penalty: float = 0.0  # OpenAI-style, subtracted per occurrence
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, cut from the text
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # on top of the model's eos ids
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise InvalidParameterError(msg)
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _finite(self.min_p) or not 0 <= self.min_p < 1:
+            bad(f"min_p must be in [0, 1), got {self.min_p!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _finite(v) or not -2 <= v <= 2:
+                bad(f"{name} must be in [-2, 2], got {v!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self, offset: int = 0) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        return torch.Generator().manual_seed(self.seed + offset)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """logits (V,) float32. repetition_penalty looks at prompt and output (as transformers does);
+    presence/frequency penalties at the output only (as OpenAI does)."""
+    if params.repetition_penalty != 1.0:
+        ids = torch.cat([prompt, seen]).unique()
+        picked = logits[ids]
+        logits = logits.clone()
+        logits[ids] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and seen.numel():
+        ids, counts = seen.unique(return_counts=True)
+        logits = logits.clone()
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
+    return logits
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Filtered sampling distribution (V,) after temperature, top-k, top-p and min-p."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def sample_one(
+    logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen: torch.Tensor, gen: torch.Generator | None
+) -> int:
+    """One token id from one row of float32 logits (V,)."""
+    logits = apply_penalties(logits, params, prompt, seen)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=gen))
