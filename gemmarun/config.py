@@ -157,7 +157,8 @@ class GemmaConfig:
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            # transformers' config classes type-check this field as an int
+            "query_pre_attn_scalar": int(q) if (q := self.query_pre_attn_scalar) == int(q) else q,
             "sliding_window": self.sliding_window,
             "layer_types": list(self.layer_types),
             "attn_logit_softcapping": self.attn_logit_softcapping,
