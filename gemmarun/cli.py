@@ -15,6 +15,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--context", type=int, help="context length to allocate (default: the model's)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--quantize", choices=["int8", "int4", "none"],
+                   help="quantise weights at load (int8 per channel, int4 in groups); 'none' decodes a GGUF's "
+                        "blocks to dense weights (default: keep the checkpoint's own form)")  # fmt: skip
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +58,8 @@ def _load(args):
         if args.threads < 1:
             raise GemmarunError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=args.dtype, device=args.device, context=args.context)
+    return load(args.model, dtype=args.dtype, device=args.device, context=args.context, quantize=args.quantize,
+                group_size=args.group_size)  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -78,6 +83,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .chat import ChatSession, run_repl
+
+    params = _sampling(args)
+    lm = _load(args)
+    notice = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    return run_repl(lm, ChatSession(lm, system=args.system, params=params, notify=notice))
+
+
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach it can use it")
+    serve(_load(args), host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_waiting=args.max_waiting, model_id=args.served_model_name, context=args.context)  # fmt: skip
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from pathlib import Path
+
+    from .quant import save_quantized
+
+    src = Path(args.src)
+    if src.is_file():
+        raise GemmarunError(f"{src} is a file; gemmarun quantize takes a checkpoint folder (GGUF files load packed as they are)")
+    args.model, args.quantize = args.src, args.scheme
+    lm = _load(args)
+    out = save_quantized(lm, Path(args.dst))
+    print(f"wrote {out} ({args.scheme}{'' if args.scheme == 'int8' else f', groups of {args.group_size}'})")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import list_models
 
@@ -86,6 +125,45 @@ def cmd_models(args) -> int:
         print("no models found locally")
     for r in rows:
         print(f"{r.name:48s} {r.kind:12s} {r.size_mb:9.1f} MB  {r.path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, get_task, markdown, write_json
+
+    tasks = [get_task(t) for name in args.task for t in name.split(",") if t]  # validate before the load
+    if len(tasks) > 1 and args.data is not None:
+        raise GemmarunError("--data names one task's data; run one task at a time with it")
+    lm = _load(args)
+    results = []
+    for task in tasks:
+        results.append(evaluate(lm, task, shots=args.shots, limit=args.limit, data=args.data, seed=args.seed,
+                                progress=not args.quiet))  # fmt: skip
+        print(markdown(results[-1:]), flush=True)
+    if len(results) > 1:
+        print("\n" + markdown(results))
+    if args.output:
+        write_json(results, args.output)
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from pathlib import Path
+
+    from .evaluate.report import Progress
+    from .perplexity import perplexity, window_count
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise GemmarunError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    lm = _load(args)
+    window = min(args.window, lm.context)
+    n = len(lm.tokenizer.encode(text, add_bos=False))
+    bar = Progress(window_count(n, window, args.stride), "perplexity", enabled=not args.quiet)
+    r = perplexity(lm, text, window=window, stride=args.stride, progress=bar)
+    print(f"perplexity {r.perplexity:.4f}  nll {r.nll:.4f} nats/token  {r.bits_per_byte:.4f} bits/byte  "
+          f"{r.tokens} tokens  {r.windows} windows of {r.window} (stride {r.stride})")  # fmt: skip
     return 0
 
 
@@ -101,6 +179,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat in the terminal (piped input: one message per line)")
+    c.add_argument("--system", help="system text (Gemma has no system role: it prefixes the first user turn)")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat, max_new_tokens=512)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503 (default 64)")
+    s.add_argument("--served-model-name", help="model id clients use (default: the folder or file name)")
+    _add_model_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("eval", help="run a model card benchmark (PIQA, ARC, MMLU, HumanEval, ...)")
+    e.add_argument("--task", action="append", required=True,
+                   help="benchmark name (repeatable or comma-separated): mmlu, hellaswag, piqa, siqa, boolq, "
+                        "winogrande, arc_easy, arc_challenge, triviaqa, nq_open, humaneval, mbpp, gsm8k, math, "
+                        "agieval, drop, bbh")  # fmt: skip
+    e.add_argument("--shots", type=int, help="few-shot examples (default: the model card's setting)")
+    e.add_argument("--limit", type=int, help="score only the first N items (per subject for MMLU)")
+    e.add_argument("--data", help="file or folder with the task's records (default: HF caches, eval packages)")
+    e.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw")
+    e.add_argument("--output", "-o", help="write the results as JSON to this file")
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_model_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("perplexity", help="perplexity of a text file with a sliding window")
+    x.add_argument("file", metavar="FILE", help="UTF-8 text file")
+    x.add_argument("--window", type=int, default=1024, help="tokens per window, BOS included (default 1024)")
+    x.add_argument("--stride", type=int, default=512, help="text tokens each window advances (default 512)")
+    x.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_model_args(x)
+    x.set_defaults(func=cmd_perplexity)
+
+    q = sub.add_parser("quantize", help="write a quantised copy of a checkpoint folder (loads without re-quantising)")
+    q.add_argument("src", metavar="SRC", help="checkpoint folder or Hugging Face repo id")
+    q.add_argument("dst", metavar="DST", help="output folder")
+    q.add_argument("--scheme", choices=["int8", "int4"], default="int8")
+    q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
+    q.set_defaults(func=cmd_quantize, dtype="float32", device="cpu", context=None, threads=None)
 
     m = sub.add_parser("models", help="list the models available locally")
     m.set_defaults(func=cmd_models)

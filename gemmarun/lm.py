@@ -96,13 +96,21 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     context: int | None = None,
+    quantize: str | None = None,
+    group_size: int = 32,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file, a Hugging Face repo id (from the local cache) or,
-    with no argument, the default Gemma 3 270M model."""
+    with no argument, the default Gemma 3 270M model.
+
+    quantize: None keeps weights as stored (a GGUF's blocks stay packed on CPU); "int8" (per
+    channel) or "int4" (groups of `group_size`: 32, 64 or 128) quantise at load; "none" decodes
+    a packed file to dense `dtype` weights."""
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype, device)
+    if group_size not in (32, 64, 128):
+        raise InvalidParameterError(f"group_size must be 32, 64 or 128, got {group_size!r}")
     path = resolve(source)
-    config, model, tokenizer = load_checkpoint(path, torch_dtype, device)
+    config, model, tokenizer = load_checkpoint(path, torch_dtype, device, quantize, group_size)
     warn_dtype(config, torch_dtype)
     return LanguageModel(model, tokenizer, config, str(path), context)
 

@@ -1,6 +1,7 @@
 """Find a checkpoint (folder, .gguf file, HF cache repo id, or the default model) and build the model."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -12,6 +13,7 @@ import torch
 from .config import GemmaConfig
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import Gemma
+from .quant import Packed, install, is_quantizable, quantize_weight
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -92,15 +94,25 @@ def resolve(source: str | os.PathLike | None) -> Path:
 
 
 def build_model(
-    config: GemmaConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device, source: str
+    config: GemmaConfig,
+    tensors: Iterable[tuple[str, torch.Tensor | Packed]],
+    dtype: torch.dtype,
+    device: torch.device,
+    source: str,
+    quantize: str | None = None,
+    group_size: int = 32,
 ) -> Gemma:
-    """Build on the meta device and assign the checkpoint's tensors: strict, and no second copy."""
+    """Build on the meta device and assign the checkpoint's tensors: strict, and no second copy.
+
+    Matrices arrive dense (quantised here when `quantize` names a scheme, one at a time, so peak
+    memory stays near the quantised size) or already packed (GGUF blocks, saved quantised checkpoints).
+    """
     if not config.tie_word_embeddings:
         raise ConfigError(f"{source}: an untied LM head is not a Gemma layout (tie_word_embeddings is false)")
     with torch.device("meta"):
         model = Gemma(config)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    state, unexpected = {}, []
+    state, packed, unexpected = {}, {}, []
     for name, t in tensors:
         name = _strip_wrapper(name)
         if name is None or name == "lm_head.weight":  # vision tower of a gemma3 wrapper; tied head
@@ -108,15 +120,23 @@ def build_model(
         if name not in expected:
             unexpected.append(name)
             continue
-        if tuple(t.shape) != expected[name]:
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies {expected[name]}")
-        state[name] = t.to(device=device, dtype=dtype)
+        shape = (t.q.shape[0], t.in_features) if isinstance(t, Packed) else tuple(t.shape)
+        if shape != expected[name]:
+            raise CheckpointError(f"{source}: tensor {name} has shape {shape}, the config implies {expected[name]}")
+        if isinstance(t, Packed):
+            packed[name] = t
+        elif quantize and is_quantizable(name):
+            packed[name] = quantize_weight(t, quantize, group_size)
+        else:
+            state[name] = t.to(device=device, dtype=dtype)
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(sorted(unexpected)[:5])}; is the config right?")
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - set(packed))
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    model.load_state_dict(state, strict=True, assign=True)
+    for name, p in packed.items():
+        install(model, name, p)
+    model.load_state_dict(state, strict=not packed, assign=True)
     model.eval()
     return model
 
@@ -131,31 +151,58 @@ def _strip_wrapper(name: str) -> str | None:
     return name
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device):
-    """(config, model, tokenizer) from a folder or a .gguf file."""
+QUANTIZE_CHOICES = ("none", "int8", "int4")
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None, group_size: int = 32):
+    """(config, model, tokenizer) from a folder or a .gguf file.
+
+    quantize: None keeps a checkpoint as it is stored (GGUF blocks stay packed on CPU, dense
+    checkpoints stay dense); "int8"/"int4" quantise dense weights at load; "none" decodes everything.
+    """
     from .tokenizer import Tokenizer
 
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
+    scheme = quantize if quantize in ("int8", "int4") else None
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{path} is a file but not a .gguf; give a checkpoint folder or a .gguf file")
         from .weights.gguf import load_gguf
+        from .weights.gguf_packed import packer
 
-        config, state, metadata = load_gguf(path, dtype=dtype)
-        model = build_model(config, state.items(), dtype, device, str(path))
+        keep = quantize is None and device.type == "cpu"
+        config, state, metadata = load_gguf(path, dtype=dtype, packer=packer if keep else None)
+        model = build_model(config, state.items(), dtype, device, str(path), scheme, group_size)
         return config, model, Tokenizer.from_gguf_fields(metadata)
     tokenizer = Tokenizer.from_dir(path) if (path / "config.json").exists() else None
-    config, model = load_folder_weights(path, dtype, device)
+    config, model = load_folder_weights(path, dtype, device, scheme, group_size, decode=quantize == "none")
     return config, model, tokenizer
 
 
-def load_folder_weights(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[GemmaConfig, Gemma]:
+def load_folder_weights(
+    path: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None, group_size: int = 32,
+    decode: bool = False,
+) -> tuple[GemmaConfig, Gemma]:
     """Config and weights of a Hugging Face checkpoint folder (no tokenizer needed)."""
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face checkpoint folder")
-    from .weights.safetensors import iter_tensors, shard_files
+    from .quant import METADATA_KEY, dequantize, regroup
+    from .weights.safetensors import iter_tensors, read_metadata, shard_files
 
     config = GemmaConfig.from_json_file(path / "config.json")
-    return config, build_model(config, iter_tensors(shard_files(path)), dtype, device, str(path))
+    files = shard_files(path)
+    tensors = iter_tensors(files)
+    schemes = read_metadata(files[0]).get(METADATA_KEY)
+    if schemes:  # a checkpoint written by `gemmarun quantize`
+        try:
+            schemes = json.loads(schemes)
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{files[0]}: malformed {METADATA_KEY} metadata; re-run gemmarun quantize") from None
+        tensors = regroup(tensors, schemes)
+        if decode:
+            tensors = ((n, dequantize(t) if isinstance(t, Packed) else t) for n, t in tensors)
+    return config, build_model(config, tensors, dtype, device, str(path), quantize, group_size)
 
 
 def warn_dtype(config: GemmaConfig, dtype: torch.dtype) -> None:

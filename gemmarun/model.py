@@ -126,12 +126,19 @@ class Block(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, which is also the LM head (Gemma ties them)."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class Backbone(nn.Module):
     """Named `model` inside Gemma so parameter names match the checkpoints (model.layers.N...)."""
 
     def __init__(self, config: GemmaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TiedEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -146,11 +153,11 @@ class Gemma(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype  # norms stay dense when the matrices are quantised
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def forward(
         self,
@@ -166,7 +173,7 @@ class Gemma(nn.Module):
         """
         cfg = self.config
         dtype = self.dtype
-        x = self.model.embed_tokens(tokens)  # (B, T, C)
+        x = self.model.embed_tokens(tokens).to(dtype)  # (B, T, C)
         # sqrt(hidden) rounded to the activation dtype first: the reference multiplies by a bf16 scalar.
         x = x * torch.tensor(math.sqrt(cfg.hidden_size), dtype=dtype)
         plans = cache.plan(positions) if cache is not None else plan_without_cache(cfg, positions)
@@ -180,7 +187,7 @@ class Gemma(nn.Module):
         if select is not None:
             x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (B, 1, C)
         x = self.model.norm(x)
-        logits = F.linear(x, self.model.embed_tokens.weight).float()  # tied LM head
+        logits = self.model.embed_tokens.attend(x).float()  # tied LM head
         if cfg.final_logit_softcapping is not None:
             # Final soft-cap: greedy decoding hides its absence, log-probabilities do not.
             cap = cfg.final_logit_softcapping

@@ -526,9 +526,12 @@ def dequantize(raw: torch.Tensor, ggml_type: int | str | QT, shape, dtype: torch
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GemmaConfig, dict[str, torch.Tensor], dict]:
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32, packer=None
+) -> tuple[GemmaConfig, dict[str, torch.Tensor], dict]:
     """(config, Hugging Face-named state dict in `dtype`, metadata) from a gemma2/gemma3 GGUF file.
-    Tensors are decoded one at a time straight into their outputs, so peak memory stays near the result."""
+    Tensors are decoded one at a time straight into their outputs, so peak memory stays near the result.
+    `packer(name, tensor)` may return a packed form to keep instead of decoding (None: decode)."""
     f = read_gguf(path)
     embed = f.tensors.get("token_embd.weight")
     config = config_from_gguf(f.metadata, vocab_size=embed.shape[0] if embed is not None else None)
@@ -538,8 +541,13 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Gem
     shapes = expected_shapes(config)
     shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
     state = {}
+    head = f.tensors.get("output.weight")
+    # a stored copy of the tied embedding (same type, same bytes) is dropped
+    tied_copy = head is not None and embed is not None and head.ggml_type == embed.ggml_type and torch.equal(head.data, embed.data)
     for t in f.tensors.values():
         name = hf_name(t.name)
+        if tied_copy and t.name == "output.weight":
+            continue
         if name not in shapes:
             raise CheckpointError(f"{f.path}: unexpected tensor {t.name} for a {config.num_hidden_layers}-layer {f.architecture} model")
         if t.shape != shapes[name]:
@@ -549,15 +557,14 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Gem
             w = torch.empty(t.shape, dtype=torch.float32)
             _decode_into(t.data, qt, w.view(-1))
             state[name] = (w - 1).to(dtype)
+        elif packer is not None and (packed := packer(name, t)) is not None:
+            state[name] = packed
         else:
             state[name] = torch.empty(t.shape, dtype=dtype)
             _decode_into(t.data, qt, state[name].view(-1))
     missing = [gguf_name(n) for n in shapes if n not in state and n != "lm_head.weight"]
     if missing:
         raise CheckpointError(f"{f.path} lacks {len(missing)} tensor(s) this config needs, e.g. {', '.join(missing[:3])}")
-    head = state.get("lm_head.weight")
-    if head is not None and torch.equal(head, state["model.embed_tokens.weight"]):
-        del state["lm_head.weight"]  # a stored copy of the tied embedding
-    elif head is not None:
+    if "lm_head.weight" in state:
         config = config.replace(tie_word_embeddings=False)
     return config, state, f.metadata

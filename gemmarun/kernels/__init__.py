@@ -1,0 +1,45 @@
+"""The AVX2 weight-only matmul kernel, compiled once on first use and cached; None where unavailable."""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("qlinear.cpp")
+
+
+def _build_dir() -> Path:
+    from ..default_model import cache_dir
+
+    # One folder per torch version and source, so an upgrade never loads a stale binary.
+    tag = f"torch{torch.__version__.replace('+', '_')}-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+    d = cache_dir() / "kernels" / tag
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@lru_cache(maxsize=1)
+def qlinear_kernel():
+    """The compiled `qlinear` function, or None (no AVX2, no compiler, or GEMMARUN_NO_KERNELS=1)."""
+    if os.environ.get("GEMMARUN_NO_KERNELS") == "1":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(
+            name="gemmarun_qlinear",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
+            build_directory=str(_build_dir()),
+            verbose=False,
+        )
+    except Exception as e:  # no compiler or headers: the portable path still gives the same results
+        warnings.warn(f"the AVX2 kernel could not be built ({type(e).__name__}: {str(e)[:200]}); using the slower portable path")
+        return None
+    return module.qlinear

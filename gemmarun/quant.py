@@ -1,0 +1,237 @@
+"""Weight-only quantisation: int8 / int4 linear and embedding layers, swapped in for nn.Linear.
+
+One storage format serves our own quantisation and GGUF blocks kept packed:
+    w[n, k] = scale[n, g] * (q[n, k] - zero) + min[n, g],  g = k // group
+q8: int8 q (N, K). q4: 4-bit q packed 16 bytes per 32 values, value j in the low nibble of byte j
+and value j + 16 in its high nibble (ggml's Q4_0 order). Scales/mins float16 or float32 (N, K // group).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InvalidParameterError
+from .kernels import qlinear_kernel
+
+KERNEL_MAX_ROWS = 16  # above this many rows (prefill), dequantise tiles and use the BLAS GEMM
+DENSE_TILE = 4096  # output rows dequantised at a time on the GEMM path: bounds the scratch memory
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One quantised weight matrix in the format above."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    group: int
+    zero: float
+    bits: int  # 8 or 4
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1] * (2 if self.bits == 4 else 1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scales, self.mins) if t is not None)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K // 2) bytes in the split-nibble order."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).view(n, k // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
+    n, half = b.shape
+    blocks = b.view(n, half // 16, 16)
+    return torch.stack([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def quantize_int8(w: torch.Tensor) -> Packed:
+    """Symmetric int8, one float32 scale per output channel."""
+    w = w.float()
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    q = torch.round(w / torch.where(scale == 0, 1.0, scale)).clamp_(-127, 127).to(torch.int8)
+    return Packed(q=q, scales=scale.contiguous(), mins=None, group=w.shape[1], zero=0.0, bits=8)
+
+
+def quantize_int4(w: torch.Tensor, group: int = 32) -> Packed:
+    """Asymmetric int4 in groups (scale and min in float16, as ggml's Q4_1): 4 + 32 / group bits a weight."""
+    n, k = w.shape
+    if group % 32 or k % group:
+        raise InvalidParameterError(f"int4 group size must be a multiple of 32 dividing {k}; got {group}")
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).half()
+    mins = lo.half()
+    s = scale.float().unsqueeze(-1)
+    # Round against the float16 scale and min that will be stored, not the exact ones.
+    q = torch.round((g - mins.float().unsqueeze(-1)) / torch.where(s == 0, 1.0, s)).clamp_(0, 15)
+    return Packed(q=pack_nibbles(q.view(n, k)), scales=scale, mins=mins, group=group, zero=0.0, bits=4)
+
+
+def dequantize(p: Packed, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    """float32 weights (n, K) of the selected output rows."""
+    q = p.q[rows]
+    q = (unpack_nibbles(q) if p.bits == 4 else q).float()
+    n, k = q.shape
+    q = q.view(n, k // p.group, p.group)
+    if p.zero:
+        q = q - p.zero
+    w = q * p.scales[rows].float().unsqueeze(-1)
+    if p.mins is not None:
+        w = w + p.mins[rows].float().unsqueeze(-1)
+    return w.view(n, k)
+
+
+def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
+    """x (..., K) @ W.T -> (..., N), float32 accumulation, result in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float().contiguous()
+    kernel = qlinear_kernel()
+    if kernel is not None and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
+        out = kernel(x2, p.q, p.scales, p.mins, p.group, p.zero, p.bits == 4)
+    else:
+        n = p.q.shape[0]
+        out = torch.empty(x2.shape[0], n, device=x.device)
+        for r in range(0, n, DENSE_TILE):
+            out[:, r : r + DENSE_TILE] = F.linear(x2, dequantize(p, slice(r, r + DENSE_TILE)))
+    return out.to(x.dtype).view(*shape[:-1], -1)
+
+
+class _QuantWeight(nn.Module):
+    """Holds a Packed matrix as buffers, so state_dict / .to() / safetensors see plain tensors."""
+
+    def __init__(self, p: Packed):
+        super().__init__()
+        self.register_buffer("qweight", p.q)
+        self.register_buffer("scales", p.scales)
+        self.register_buffer("mins", p.mins)
+        self.group, self.zero, self.bits = p.group, p.zero, p.bits
+
+    @property
+    def packed(self) -> Packed:
+        return Packed(self.qweight, self.scales, self.mins, self.group, self.zero, self.bits)
+
+    def scheme(self) -> dict:
+        return {"bits": self.bits, "group": self.group, "zero": self.zero, "mins": self.mins is not None,
+                "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}  # fmt: skip
+
+
+class QuantLinear(_QuantWeight):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.packed)
+
+
+class QuantEmbedding(_QuantWeight):
+    """A quantised tied embedding: rows for lookup, the whole matrix for the LM head."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return dequantize(self.packed, flat).view(*ids.shape, -1)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.packed)
+
+
+SCHEMES = ("int8", "int4")
+
+
+def quantize_weight(w: torch.Tensor, scheme: str, group: int = 32) -> Packed:
+    if scheme == "int8":
+        return quantize_int8(w)
+    if scheme == "int4":
+        return quantize_int4(w, group)
+    raise InvalidParameterError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+def is_quantizable(name: str) -> bool:
+    """Every matrix: the attention and MLP projections and the tied embedding / LM head."""
+    return name.endswith("_proj.weight") or name == "model.embed_tokens.weight"
+
+
+def install(model: nn.Module, name: str, p: Packed) -> None:
+    """Replace the module owning parameter `name` by its quantised form."""
+    module_name = name.rsplit(".", 1)[0]
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    cls = QuantEmbedding if child == "embed_tokens" else QuantLinear
+    setattr(parent, child, cls(p))
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of all weights as stored (packed or dense)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+# ------------------------------------------------------------------ saved quantised checkpoints
+# A folder like any Hugging Face checkpoint, whose model.safetensors holds `<module>.qweight`,
+# `.scales` and (asymmetric schemes) `.mins` beside the dense norms, and names each module's
+# scheme in the safetensors metadata: readable by any safetensors reader, on any torch version.
+
+METADATA_KEY = "gemmarun.quantization"
+
+
+def quantized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(tensors to save, {module name: scheme}) of a model with quantised layers."""
+    tensors, schemes = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantWeight):
+            schemes[name] = module.scheme()
+    for name, t in model.state_dict().items():
+        if t is not None:
+            tensors[name] = t.contiguous()
+    return tensors, schemes
+
+
+def regroup(tensors, schemes: dict[str, dict]):
+    """Turn a flat (name, tensor) stream of a saved quantised checkpoint back into (name.weight, Packed)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors:
+        module, _, leaf = name.rpartition(".")
+        if module not in schemes:
+            yield name, t
+            continue
+        got = parts.setdefault(module, {})
+        got[leaf] = t
+        s = schemes[module]
+        if "qweight" in got and "scales" in got and ("mins" in got or not s["mins"]):
+            del parts[module]
+            yield module + ".weight", Packed(got["qweight"], got["scales"], got.get("mins"), int(s["group"]),
+                                             float(s["zero"]), int(s["bits"]))  # fmt: skip
+    if parts:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"quantised tensors of {', '.join(sorted(parts))} are incomplete; re-run gemmarun quantize")
+
+
+def save_quantized(lm, folder) -> "Path":
+    """Write a quantised model as a checkpoint folder: config.json, tokenizer files, model.safetensors."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .errors import CheckpointError
+
+    folder = Path(folder)
+    source = Path(lm.source)
+    if not source.is_dir():
+        raise CheckpointError(f"{source} is not a checkpoint folder; quantised copies are made from folders")
+    tensors, schemes = quantized_state(lm.model)
+    if not schemes:
+        raise CheckpointError("the model has no quantised layers; load it with quantize='int8' or 'int4'")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt", METADATA_KEY: json.dumps(schemes)})
+    (folder / "config.json").write_text(json.dumps(lm.config.to_hf(), indent=1))
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json"):  # fmt: skip
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    return folder
