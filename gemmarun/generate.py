@@ -34,8 +34,10 @@ class TextEvent:
 
 
 @dataclass
-class _Sequence:
-    """Per-row state: sampled ids, visible text and how much of it was handed out."""
+class SequenceState:
+    """Per-row state: sampled ids, visible text and how much of it was handed out.
+
+    Shared by Generator and engine.Engine, so stop handling and detokenizing exist once."""
 
     prompt: list[int]
     params: SamplingParams
@@ -125,26 +127,25 @@ class Generator:
             pass
         return [s.result() for s in seqs]
 
-    def _sequences(self, prompts, params: SamplingParams) -> list[_Sequence]:
+    def _sequences(self, prompts, params: SamplingParams) -> list[SequenceState]:
+        return [self.new_sequence(p, params) for p in prompts]
+
+    def new_sequence(self, prompt: Sequence[int], params: SamplingParams, seed_offset: int = 0) -> SequenceState:
+        """Checked state for one prompt; the engine gives each of a request's n choices its own seed_offset."""
+        self.check_prompt(prompt)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= set(self.tokenizer.stop_ids)
-        seqs = []
-        for i, p in enumerate(prompts):
-            self.check_prompt(p)
-            seqs.append(
-                _Sequence(
-                    prompt=list(p),
-                    params=params,
-                    max_new=min(params.max_new_tokens, self.context - len(p)),
-                    stop_ids=frozenset(stop_ids),
-                    decoder=self.tokenizer.stream_decoder(),
-                    generator=params.make_generator(),
-                )
-            )
-        return seqs
+        return SequenceState(
+            prompt=list(prompt),
+            params=params,
+            max_new=min(params.max_new_tokens, self.context - len(prompt)),
+            stop_ids=frozenset(stop_ids),
+            decoder=self.tokenizer.stream_decoder(),
+            generator=params.make_generator(seed_offset),
+        )
 
-    def _steps(self, seqs: list[_Sequence]) -> Iterator[list[TextEvent]]:
+    def _steps(self, seqs: list[SequenceState]) -> Iterator[list[TextEvent]]:
         model = self.model
         b = len(seqs)
         if b == 0:
@@ -161,8 +162,7 @@ class Generator:
                 if s.finish_reason is not None:
                     next_ids.append(0)
                     continue
-                seen = torch.tensor(s.ids, dtype=torch.long)
-                tok = sample_one(logits[i], s.params, prompts[i], seen, s.generator)
+                tok = sample_one(logits[i], s.params, prompts[i], s.ids, s.generator)
                 piece = s.add(tok)
                 events.append(TextEvent(index=i, text=piece, token_id=tok, finish_reason=s.finish_reason))
                 next_ids.append(tok)
@@ -176,7 +176,7 @@ class Generator:
                 logits = model(tokens, pos, cache, select=torch.zeros(b, dtype=torch.long, device=model.device))
             positions += 1
 
-    def _prefill(self, seqs: list[_Sequence], cache: KVCache) -> torch.Tensor:
+    def _prefill(self, seqs: list[SequenceState], cache: KVCache) -> torch.Tensor:
         """Right-padded chunked prefill; returns each row's logits at its last prompt token."""
         model = self.model
         lengths = torch.tensor([len(s.prompt) for s in seqs])

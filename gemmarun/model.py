@@ -23,9 +23,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 throughout, and 1 + w added in fp32: in bf16 the sum loses w's low bits.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        # (F.rms_norm computes x * rsqrt(mean(x^2) + eps) * scale in one op, in x's dtype.)
+        scale = self.weight.float() + 1.0
+        return F.rms_norm(x.float(), scale.shape, scale, self.eps).type_as(x)
 
 
 class Rope:

@@ -57,6 +57,10 @@ class SamplingParams:
             bad("stop strings must be non-empty strings")
 
     @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
@@ -104,10 +108,11 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_one(
-    logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen: torch.Tensor, gen: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen, gen: torch.Generator | None
 ) -> int:
-    """One token id from one row of float32 logits (V,)."""
-    logits = apply_penalties(logits, params, prompt, seen)
+    """One token id from one row of float32 logits (V,); `seen` lists the ids generated so far."""
+    if params.has_penalties:
+        logits = apply_penalties(logits, params, prompt, torch.as_tensor(seen, dtype=torch.long))
     if params.greedy:
         return int(torch.argmax(logits))
     return int(torch.multinomial(probabilities(logits, params), 1, generator=gen))

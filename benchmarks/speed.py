@@ -1,0 +1,44 @@
+"""The README's speed tables: the gemma-2-2b shape and the real default model, every engine, one run.
+
+    python benchmarks/speed.py [--threads 2] [--engines gemmarun,transformers,llama.cpp]
+
+llama.cpp is measured through llama-cpp-python (`pip install -e '.[bench]'`, it builds from source);
+without it those rows are skipped. The 2B checkpoint and its GGUF copies are made once and cached
+under ~/.cache/gemmarun/bench (about 12 GB).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+from gemmarun.bench import run_suite, specs_for, table
+from gemmarun.default_model import cache_dir
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default="gemmarun,transformers,llama.cpp")
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--skip-2b", action="store_true", help="only the default model")
+    args = ap.parse_args()
+    engines = set(args.engines.split(","))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, python {platform.python_version()}")
+    suites = [("real default model (Gemma 3 270M Q4_K_M GGUF)", None)]
+    if not args.skip_2b:
+        suites.insert(0, ("gemma-2-2b shape, random weights", "gemma-2-2b"))
+    for title, shape in suites:
+        specs = specs_for(shape, None, engines, args.prefill, args.decode, cache_dir() / "bench", log)
+        rows, bandwidth = run_suite(specs, args.threads, log)
+        base = next((m for m in rows if m.engine == "transformers" and m.weights == "bfloat16"), None)
+        print(f"\n### {title}\nmemory read bandwidth {bandwidth:.1f} GB/s; prefill {args.prefill} tokens; "
+              f"decode {args.decode} tokens after a 32-token prompt\n")  # fmt: skip
+        print(table(rows, bandwidth, base))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Speed benchmark: prefill, time to first token, decode, load time and peak memory, side by side
+with transformers and llama.cpp (llama-cpp-python) on the same weights, in one run.
+
+Each engine runs in its own subprocess so load time and peak RSS are its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Measurement:
+    engine: str
+    weights: str  # what is stored: fp32, bf16, int8, int4, Q8_0, ...
+    weight_mb: float  # bytes read per decoded token (every weight once)
+    load_s: float
+    peak_rss_mb: float
+    prefill_tok_s: float  # a prompt of `prefill` tokens
+    ttft_s: float  # first token of a 32-token prompt
+    decode_tok_s: float  # tokens after the first, 32-token prompt
+
+
+def memory_bandwidth_gbs(threads: int, mb: int = 1024) -> float:
+    """Read bandwidth: summing a buffer far larger than the caches (best of 5)."""
+    torch.set_num_threads(threads)
+    x = torch.ones(mb * 2**20 // 4)
+    best = float("inf")
+    for _ in range(6):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _ids(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(1000, min(vocab, 200000), (n - 1,), generator=g).tolist()
+
+
+# ----------------------------------------------------------------------------------- workers
+
+
+def run_gemmarun(spec: dict) -> Measurement:
+    import gemmarun
+    from gemmarun.quant import packed_bytes
+
+    t = time.perf_counter()
+    lm = gemmarun.load(spec["model"], dtype=spec.get("dtype"), quantize=spec.get("quantize"), context=spec["context"])
+    load_s = time.perf_counter() - t
+    if spec.get("compile"):
+        lm.model.forward = torch.compile(lm.model.forward, dynamic=True)
+    vocab = lm.config.vocab_size
+    long = _ids(spec["prefill"], vocab, 1)
+    lm.generate(long[:16], max_new_tokens=2, ignore_eos=True)  # warm up the kernels and caches
+    t = time.perf_counter()
+    lm.generate(long, max_new_tokens=1, ignore_eos=True)
+    prefill = len(long) / (time.perf_counter() - t)
+    short = _ids(32, vocab, 2)
+    t = time.perf_counter()
+    stamps = []
+    for _ in lm.generator.run([short], gemmarun.SamplingParams(max_new_tokens=spec["decode"] + 1, ignore_eos=True)):
+        stamps.append(time.perf_counter())
+    ttft = stamps[0] - t
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    label = spec.get("label") or spec.get("quantize") or str(lm.model.dtype).removeprefix("torch.")
+    return Measurement("gemmarun", label, packed_bytes(lm.model) / 2**20, load_s, _peak_rss_mb(), prefill, ttft, decode)
+
+
+def run_transformers(spec: dict) -> Measurement:
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[spec["dtype"]]
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation="eager").eval()
+    load_s = time.perf_counter() - t
+    vocab = model.config.vocab_size
+    long = torch.tensor([_ids(spec["prefill"], vocab, 1)])
+    short = torch.tensor([_ids(32, vocab, 2)])
+    kw = dict(do_sample=False, eos_token_id=[], pad_token_id=0)
+    with torch.no_grad():
+        model.generate(short[:, :8], max_new_tokens=2, **kw)
+        t = time.perf_counter()
+        model(long)
+        prefill = long.shape[1] / (time.perf_counter() - t)
+        t = time.perf_counter()
+        model.generate(short, max_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(short, max_new_tokens=spec["decode"] + 1, **kw)
+        decode = spec["decode"] / (time.perf_counter() - t - ttft)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Measurement("transformers", spec["dtype"], nbytes / 2**20, load_s, _peak_rss_mb(), prefill, ttft, decode)
+
+
+def run_llamacpp(spec: dict) -> Measurement:
+    from llama_cpp import Llama
+
+    t = time.perf_counter()
+    llm = Llama(model_path=spec["model"], n_ctx=spec["context"], n_threads=spec["threads"], n_batch=512,
+                n_threads_batch=spec["threads"], verbose=False)  # fmt: skip
+    load_s = time.perf_counter() - t
+    vocab = llm.n_vocab()
+    long = _ids(spec["prefill"], vocab, 1)
+    short = _ids(32, vocab, 2)
+    llm.eval(long[:16])
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(long)
+    prefill = len(long) / (time.perf_counter() - t)
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(short)
+    tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    ttft = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(spec["decode"]):
+        llm.eval([tok])
+        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    decode = spec["decode"] / (time.perf_counter() - t)
+    return Measurement("llama.cpp", spec["label"], os.path.getsize(spec["model"]) / 2**20, load_s, _peak_rss_mb(),
+                       prefill, ttft, decode)  # fmt: skip
+
+
+WORKERS = {"gemmarun": run_gemmarun, "transformers": run_transformers, "llama.cpp": run_llamacpp}
+
+
+def measure(engine: str, spec: dict, timeout: float = 1800) -> Measurement | str:
+    """Run one engine in a fresh process; a string says why it could not be measured."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    cmd = [sys.executable, "-m", "gemmarun.bench", "--worker", engine, json.dumps(spec)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if r.returncode != 0:
+        lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+        return lines[-1][:160] if lines else f"exit code {r.returncode}"
+    return Measurement(**json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def table(rows: list[Measurement], bandwidth_gbs: float, baseline: Measurement | None) -> str:
+    head = ("| engine | weights | MB/token | load s | peak RSS MB | prefill tok/s | TTFT s | decode tok/s "
+            "| % of ceiling | vs transformers bf16 |")  # fmt: skip
+    lines = [head, "|" + "---|" * 10]
+    for m in rows:
+        ceiling = bandwidth_gbs * 1e9 / (m.weight_mb * 2**20)
+        ratio = f"{m.decode_tok_s / baseline.decode_tok_s:.1f}x" if baseline else "-"
+        lines.append(
+            f"| {m.engine} | {m.weights} | {m.weight_mb:.0f} | {m.load_s:.1f} | {m.peak_rss_mb:.0f} | "
+            f"{m.prefill_tok_s:.1f} | {m.ttft_s:.2f} | {m.decode_tok_s:.2f} | {100 * m.decode_tok_s / ceiling:.0f}% | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ suites
+
+
+def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print) -> dict[str, Path]:
+    """The random-weight gemma-2-2b checkpoint (bf16 safetensors + tokenizer) and GGUF copies of the
+    same weights, made once and cached. The tokenizer is Gemma 3's vocabulary cut to Gemma 2's size
+    (speed does not depend on which pieces the ids stand for)."""
+    from .config import PRESETS
+    from .default_model import default_model_path
+    from .random_checkpoint import write_random_checkpoint
+    from .tokenizer import Tokenizer
+    from .weights.gguf import read_gguf
+
+    config = PRESETS["gemma-2-2b"]
+    hf = folder / "gemma-2-2b-random"
+    fields = None
+    if not (hf / "model.safetensors.index.json").exists():
+        log(f"creating a random-weight gemma-2-2b checkpoint in {hf} (once)")
+        write_random_checkpoint(config, hf, dtype=torch.bfloat16)
+    if not (hf / "tokenizer.model").exists() or any(not (folder / f"gemma-2-2b-{t}.gguf").exists() for t in gguf_types):
+        meta = read_gguf(default_model_path()).metadata
+        fields = {k: (v[: config.vocab_size] if isinstance(v, list) and len(v) > config.vocab_size else v)
+                  for k, v in meta.items() if k.startswith("tokenizer.ggml.")}  # fmt: skip
+        fields.pop("tokenizer.ggml.eot_token_id", None)
+        tok = Tokenizer.from_gguf_fields(fields)
+        (hf / "tokenizer.model").write_bytes(tok._engine.sp.serialized_model_proto())
+    paths = {"hf": hf}
+    for t in gguf_types:
+        path = folder / f"gemma-2-2b-{t}.gguf"
+        if not path.exists():
+            from .loader import load_folder_weights
+            from .weights.gguf_write import write_gguf
+
+            log(f"writing {path.name} (once)")
+            _, model = load_folder_weights(hf, torch.float32, torch.device("cpu"))
+            state = {k: v for k, v in model.state_dict().items()}
+            write_gguf(path.with_suffix(".partial"), config, state, tokenizer_fields=fields, qtype=t)
+            path.with_suffix(".partial").rename(path)
+            del model, state
+        paths[t] = path
+    return paths
+
+
+def run_suite(specs: list[tuple[str, dict]], threads: int, log=print) -> tuple[list[Measurement], float]:
+    bandwidth = memory_bandwidth_gbs(threads)
+    log(f"memory read bandwidth with {threads} threads: {bandwidth:.1f} GB/s")
+    rows = []
+    for engine, spec in specs:
+        spec = dict(spec, threads=threads)
+        log(f"measuring {engine} {spec.get('label') or spec.get('quantize') or spec.get('dtype')} ...")
+        m = measure(engine, spec)
+        if isinstance(m, str):
+            log(f"  skipped: {m}")
+        else:
+            log(f"  prefill {m.prefill_tok_s:.1f} tok/s, decode {m.decode_tok_s:.2f} tok/s, peak {m.peak_rss_mb:.0f} MB")
+            rows.append(m)
+    return rows, bandwidth
+
+
+def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: int, decode: int, cache: Path, log=print):
+    """The engine runs of one suite: the gemma-2-2b shape, or one model file against llama.cpp."""
+    run = dict(prefill=prefill, decode=decode, context=max(prefill, 32 + decode) + 8)
+    specs = []
+    if shape == "gemma-2-2b":
+        gguf_types = ("F16", "Q8_0", "Q4_0") if "llama.cpp" in engines else ()
+        files = gemma2_2b_files(cache, gguf_types, log)
+        hf = str(files["hf"])
+        if "gemmarun" in engines:
+            specs += [("gemmarun", dict(run, model=hf, dtype="float32")), ("gemmarun", dict(run, model=hf, dtype="bfloat16")),
+                      ("gemmarun", dict(run, model=hf, quantize="int8")), ("gemmarun", dict(run, model=hf, quantize="int4"))]  # fmt: skip
+        if "transformers" in engines:
+            specs += [("transformers", dict(run, model=hf, dtype="bfloat16")), ("transformers", dict(run, model=hf, dtype="float32"))]
+        for t in gguf_types:
+            specs.append(("llama.cpp", dict(run, model=str(files[t]), label=t)))
+        return specs
+    if shape is not None:
+        raise ValueError(f"unknown shape {shape!r}; the benchmark knows gemma-2-2b")
+    from .loader import resolve
+
+    path = resolve(model)
+    if "gemmarun" in engines:
+        specs.append(("gemmarun", dict(run, model=str(path), label="as stored" if path.suffix == ".gguf" else None)))
+    if "llama.cpp" in engines and path.suffix == ".gguf":
+        specs.append(("llama.cpp", dict(run, model=str(path), label=path.name)))
+    return specs
+
+
+def _worker_main(engine: str, spec: str) -> None:
+    torch.set_num_threads(json.loads(spec)["threads"])
+    print(json.dumps(asdict(WORKERS[engine](json.loads(spec)))))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m gemmarun.bench --worker ENGINE SPEC (use `gemmarun bench` or benchmarks/speed.py)")
