@@ -117,6 +117,27 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_suite, specs_for, table
+    from .default_model import cache_dir
+
+    engines = {e.strip() for e in args.engines.split(",") if e.strip()}
+    unknown = engines - {"gemmarun", "transformers", "llama.cpp"}
+    if unknown:
+        raise GemmarunError(f"unknown engine(s) {', '.join(sorted(unknown))}; choose from gemmarun, transformers, llama.cpp")
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        specs = specs_for(args.shape, args.model, engines, args.prefill, args.decode, cache_dir() / "bench", log)
+    except ValueError as e:
+        raise GemmarunError(str(e)) from None
+    rows, bandwidth = run_suite(specs, args.threads, log)
+    base = next((m for m in rows if m.engine == "transformers" and m.weights == "bfloat16"), None)
+    print(f"memory bandwidth {bandwidth:.1f} GB/s, {args.threads} threads; prefill {args.prefill} tokens, "
+          f"decode {args.decode} tokens after a 32-token prompt")  # fmt: skip
+    print(table(rows, bandwidth, base))
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import list_models
 
@@ -224,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", choices=["int8", "int4"], default="int8")
     q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
     q.set_defaults(func=cmd_quantize, dtype="float32", device="cpu", context=None, threads=None)
+
+    b = sub.add_parser("bench", help="speed and memory, side by side with transformers and llama.cpp")
+    b.add_argument("--model", "-m", help="model to measure (default: the default model)")
+    b.add_argument("--shape", choices=["gemma-2-2b"], help="measure a random-weight model of this exact shape instead")
+    b.add_argument("--engines", default="gemmarun,transformers,llama.cpp", help="comma-separated engines to run")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill figure")
+    b.add_argument("--decode", type=int, default=128, help="tokens decoded for the decode figure")
+    b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="list the models available locally")
     m.set_defaults(func=cmd_models)
