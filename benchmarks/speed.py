@@ -12,8 +12,7 @@ import argparse
 import platform
 import sys
 
-from gemmarun.bench import run_suite, specs_for, table
-from gemmarun.default_model import cache_dir
+from gemmarun.bench import report
 
 
 def main() -> int:
@@ -25,18 +24,12 @@ def main() -> int:
     ap.add_argument("--skip-2b", action="store_true", help="only the default model")
     args = ap.parse_args()
     engines = set(args.engines.split(","))
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, python {platform.python_version()}")
     suites = [("real default model (Gemma 3 270M Q4_K_M GGUF)", None)]
     if not args.skip_2b:
         suites.insert(0, ("gemma-2-2b shape, random weights", "gemma-2-2b"))
     for title, shape in suites:
-        specs = specs_for(shape, None, engines, args.prefill, args.decode, cache_dir() / "bench", log)
-        rows, bandwidth = run_suite(specs, args.threads, log)
-        base = next((m for m in rows if m.engine == "transformers" and m.weights == "bfloat16"), None)
-        print(f"\n### {title}\nmemory read bandwidth {bandwidth:.1f} GB/s; prefill {args.prefill} tokens; "
-              f"decode {args.decode} tokens after a 32-token prompt\n")  # fmt: skip
-        print(table(rows, bandwidth, base))
+        print("\n" + report(title, shape, None, engines, args.threads, args.prefill, args.decode), flush=True)
     return 0
 
 

@@ -252,6 +252,18 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
     return specs
 
 
+def report(title: str, shape: str | None, model: str | None, engines: set[str], threads: int, prefill: int, decode: int) -> str:
+    """Run one suite and return its markdown section (progress goes to stderr)."""
+    from .default_model import cache_dir
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    specs = specs_for(shape, model, engines, prefill, decode, cache_dir() / "bench", log)
+    rows, bandwidth = run_suite(specs, threads, log)
+    base = next((m for m in rows if m.engine == "transformers" and m.weights == "bfloat16"), None)
+    return (f"### {title}\nmemory read bandwidth {bandwidth:.1f} GB/s, {threads} threads; prefill {prefill} tokens; "
+            f"decode {decode} tokens after a 32-token prompt\n\n{table(rows, bandwidth, base)}")  # fmt: skip
+
+
 def _worker_main(engine: str, spec: str) -> None:
     torch.set_num_threads(json.loads(spec)["threads"])
     print(json.dumps(asdict(WORKERS[engine](json.loads(spec)))))

@@ -118,23 +118,17 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_suite, specs_for, table
-    from .default_model import cache_dir
+    from .bench import report
 
     engines = {e.strip() for e in args.engines.split(",") if e.strip()}
     unknown = engines - {"gemmarun", "transformers", "llama.cpp"}
     if unknown:
         raise GemmarunError(f"unknown engine(s) {', '.join(sorted(unknown))}; choose from gemmarun, transformers, llama.cpp")
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    title = args.shape or args.model or "default model"
     try:
-        specs = specs_for(args.shape, args.model, engines, args.prefill, args.decode, cache_dir() / "bench", log)
+        print(report(title, args.shape, args.model, engines, args.threads, args.prefill, args.decode))
     except ValueError as e:
         raise GemmarunError(str(e)) from None
-    rows, bandwidth = run_suite(specs, args.threads, log)
-    base = next((m for m in rows if m.engine == "transformers" and m.weights == "bfloat16"), None)
-    print(f"memory bandwidth {bandwidth:.1f} GB/s, {args.threads} threads; prefill {args.prefill} tokens, "
-          f"decode {args.decode} tokens after a 32-token prompt")  # fmt: skip
-    print(table(rows, bandwidth, base))
     return 0
 
 
