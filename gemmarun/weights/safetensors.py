@@ -69,5 +69,9 @@ def _check_size(path: Path) -> None:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    _check_size(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e}); re-download it") from None
