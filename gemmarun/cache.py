@@ -53,6 +53,21 @@ class KVCache:
         if rows is None:
             self.filled = 0
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over batch rows [start, stop) that shares this one's buffers (writes land here).
+
+        The engine prefills one row, or decodes the occupied rows only, without paying for the
+        padding of every other row. `filled` is the view's own, read from its position table.
+        """
+        view = object.__new__(KVCache)
+        view.config, view.context, view.size = self.config, self.context, self.size
+        view.batch_size = stop - start
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.pos = {kind: p[start:stop] for kind, p in self.pos.items()}
+        view.filled = int(view.pos["global"].max()) + 1  # global slots are positions; -1 (empty) gives 0
+        return view
+
     def plan(self, positions: torch.Tensor) -> dict[str, AttnPlan]:
         """Build both kinds' write slots and masks for `positions` (B, T; -1 = padding), then record them."""
         cfg = self.config
@@ -82,8 +97,11 @@ class KVCache:
                 pos_table[:, size] = -1  # the trash slot never holds a visible key
                 kpos = pos_table
             end = kpos.shape[1]
-            if not sliding:
-                end = max(self.filled, int(positions.max()) + 1)
+            filled = max(self.filled, int(positions.max()) + 1)
+            # Global slots are positions, so only the filled prefix matters; a ring that has not
+            # wrapped yet holds keys in slots [0, filled) only, so short sequences skip the rest.
+            if not sliding or (not concat and filled <= size):
+                end = filled
                 kpos = kpos[:, :end]
             k = kpos[:, None, None, :]  # (B, 1, 1, S)
             mask = (k >= 0) & (k <= q)

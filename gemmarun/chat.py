@@ -1,0 +1,214 @@
+"""Chat: the prompt template, a conversation that keeps its KV cache across turns, and the REPL.
+
+Gemma has no system role (DESIGN pitfall 9): a system message becomes a prefix of the first user
+turn; the assistant speaks as `model`; replies end with `<end_of_turn>` (or `<eos>`).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterator, TextIO
+
+import torch
+
+from .cache import KVCache
+from .errors import ContextLengthError, GemmarunError, InvalidParameterError
+from .sampling import SamplingParams, sample_one
+from .tokenizer import _chat_turns
+
+
+def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt text for OpenAI-style messages: the checkpoint's own chat template when it ships
+    one, Gemma's turn format otherwise. The result starts with <bos>; encode() adds no second one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+    # Fold the system message ourselves first: Gemma 2's own template raises on a system role.
+    turns = [{"role": "assistant" if role == "model" else role, "content": text} for role, text in _chat_turns(messages)]
+    return _jinja(template).render(
+        messages=turns,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=tokenizer.id_to_piece(tokenizer.bos_id),
+        eos_token=tokenizer.id_to_piece(tokenizer.eos_id),
+    )
+
+
+_TEMPLATES: dict[str, object] = {}
+
+
+def _jinja(source: str):
+    """Compile a Hugging Face chat template the way transformers does (sandboxed, trimmed blocks)."""
+    if source not in _TEMPLATES:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise InvalidParameterError(f"the model's chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            _TEMPLATES[source] = env.from_string(source)
+        except TemplateError as e:
+            raise GemmarunError(f"the checkpoint's chat template does not compile: {e}") from None
+    return _TEMPLATES[source]
+
+
+class ChatSession:
+    """A conversation on one model whose tokens stay in a KV cache of batch 1.
+
+    Each turn feeds only its new tokens: the end of the previous reply, the user's turn and the
+    `model` header. When the context would overflow, the oldest turns are dropped (the system
+    text stays) and the rest is prefilled again; `notify` is told about it.
+    """
+
+    def __init__(self, lm, system: str | None = None, params: SamplingParams | None = None,
+                 notify: Callable[[str], None] | None = None, prefill_chunk: int = 512):  # fmt: skip
+        self.lm = lm
+        self.system = system
+        self.params = params or SamplingParams(max_new_tokens=512)
+        self.notify = notify or (lambda message: None)
+        self.prefill_chunk = prefill_chunk
+        self.cache = KVCache(lm.config, 1, lm.context, lm.model.dtype, lm.model.device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system text stays)."""
+        self.turns: list[dict] = []  # user and assistant messages so far
+        self.ids: list[int] = []  # tokens whose keys and values are in the cache
+        self._rendered = ""  # the rendered prompt of the last turn, up to the `model` header
+        self._reply = ""  # the raw text of the last reply, which the cache holds after that header
+        self._cache_matches_text = False
+        self.cache.reset()
+
+    def _messages(self, turns: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + turns
+
+    def send(self, text: str) -> Iterator[str]:
+        """Stream the reply to one user message; the turn is recorded when the stream ends or is closed."""
+        if not text.strip():
+            raise InvalidParameterError("the message is empty")
+        tok = self.lm.tokenizer
+        turns = self.turns + [{"role": "user", "content": text}]
+        rendered = render_messages(tok, self._messages(turns))
+        new = self._new_tokens(rendered)
+        reserve = min(self.params.max_new_tokens, self.lm.context // 2)  # room left for the reply
+        if new is None or len(self.ids) + len(new) + reserve > self.lm.context:
+            turns, rendered = self._fit(turns, rendered, reserve)
+            self.cache.reset()
+            self.ids, new = [], tok.encode(rendered)
+        self.turns = turns
+        seq = self.lm.generator.new_sequence(self.ids + new, self.params)
+        logits = self._feed(new)
+        unfed = None  # a sampled reply token whose keys and values are not in the cache yet
+        try:
+            while True:
+                token = sample_one(logits, seq.params, torch.tensor(seq.prompt), torch.tensor(seq.ids), seq.generator)
+                unfed = None if token in seq.stop_ids else token  # the next turn's text closes the turn itself
+                piece = seq.add(token)
+                if piece:
+                    yield piece
+                if seq.finish_reason == "stop":
+                    break
+                logits = self._feed([token])
+                unfed = None
+                if seq.finish_reason == "length":
+                    break
+        finally:
+            # Interrupted or not, the reply so far is part of the conversation.
+            self.turns = turns + [{"role": "assistant", "content": seq.text}]
+            self._rendered, self._reply = rendered, seq.text
+            # The next turn extends the cache only if it holds exactly the reply's text: not when a
+            # stop string cut the text short, nor when an interruption left a token unfed.
+            self._cache_matches_text = unfed is None
+            self.last_prompt, self.last_result = seq.prompt, seq.result()
+
+    def _new_tokens(self, rendered: str) -> list[int] | None:
+        """The tokens that extend the cache to `rendered`, or None when the cache cannot be extended."""
+        if not self.ids:
+            return self.lm.tokenizer.encode(rendered)
+        if not self._cache_matches_text or not rendered.startswith(self._rendered):
+            return None
+        rest = rendered[len(self._rendered) :]
+        reply = self._reply.strip()  # templates trim the reply; the cache keeps it as generated
+        if not rest.startswith(reply):
+            return None
+        return self.lm.tokenizer.encode(rest[len(reply) :], add_bos=False)
+
+    def _fit(self, turns: list[dict], rendered: str, reserve: int) -> tuple[list[dict], str]:
+        """Drop the oldest user/assistant pairs until the conversation and a reply fit the context."""
+        tok, context = self.lm.tokenizer, self.lm.context
+        dropped = 0
+        while len(tok.encode(rendered)) + reserve > context:
+            if len(turns) <= 1:
+                raise ContextLengthError(
+                    f"this message has {len(tok.encode(rendered))} tokens with the template, and with {reserve} "
+                    f"left for the reply that exceeds the context of {context}; shorten it or lower --max-new-tokens"
+                )
+            turns = turns[2:]
+            dropped += 1
+            rendered = render_messages(tok, self._messages(turns))
+        if dropped:
+            self.notify(f"[context full: dropped the oldest {dropped} exchange(s)]")
+        return turns, rendered
+
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
+        """Run tokens through the model at the next positions; logits (V,) after the last one."""
+        model, dev = self.lm.model, self.lm.model.device
+        logits = None
+        with torch.inference_mode():
+            for s in range(0, len(tokens), self.prefill_chunk):
+                chunk = tokens[s : s + self.prefill_chunk]
+                start = len(self.ids)
+                logits = model(
+                    torch.tensor(chunk, device=dev)[None],
+                    torch.arange(start, start + len(chunk), device=dev)[None],
+                    self.cache,
+                    select=torch.tensor([len(chunk) - 1], device=dev),
+                )[0]
+                self.ids.extend(chunk)
+        return logits.cpu()
+
+
+HELP = "commands: /reset (forget the conversation), /quit (or end of input)"
+
+
+def run_repl(lm, session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+             stderr: TextIO = sys.stderr) -> int:  # fmt: skip
+    """Interactive chat on a terminal; with piped input, each line is one user message."""
+    interactive = stdin.isatty()
+    if interactive:
+        print(f"gemmarun chat ({lm.source}); {HELP}", file=stderr)
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if line == "":  # end of input
+            if interactive:
+                stdout.write("\n")
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            print("[conversation reset]", file=stderr)
+            continue
+        if line.startswith("/") and line.split()[0] in ("/help", "/?"):
+            print(HELP, file=stderr)
+            continue
+        try:
+            for piece in session.send(line):
+                stdout.write(piece)
+                stdout.flush()
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print("\n[interrupted]", file=stderr)
+        except ContextLengthError as e:
+            print(f"error: {e}", file=stderr)
+            continue
+        stdout.write("\n")
+        stdout.flush()
