@@ -1,0 +1,247 @@
+"""Log-likelihood scoring and greedy generation for benchmarks, on the model's own forward.
+
+Every number comes from `Gemma.forward` (soft-caps included, the same path generation uses) on
+token ids that start with BOS. Requests that share a context are scored together, and contexts
+that share a prefix (the few-shot block of a task, the passage of a question) reuse one KV cache
+for that prefix: the prefix runs once, its cache is copied per item, and the lm-head is computed
+only at the positions that are scored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..cache import KVCache
+from ..sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """Score `continuation` given `context` (BOS is added in front of the context)."""
+
+    context: str
+    continuation: str
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    logprob: float  # sum of the continuation tokens' log-probabilities
+    greedy: bool  # every continuation token was the argmax
+    tokens: int  # continuation length in tokens
+
+
+@dataclass
+class _State:
+    """A batch-1 KV cache holding `ids` at positions 0..len-1, and the logits after the last one."""
+
+    ids: list[int]
+    cache: KVCache
+    last: torch.Tensor | None  # (V,) float32
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+Progress = Callable[[int], None]  # called with the number of items just finished
+
+
+class Scorer:
+    """Scores (context, continuation) pairs and decodes prompts greedily for one LanguageModel."""
+
+    def __init__(self, lm, chunk: int = 512, min_shared: int = 16, batch_size: int = 8):
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.chunk = chunk  # tokens per forward call when filling a cache
+        self.min_shared = min_shared  # shortest shared prefix worth caching on its own
+        self.batch_size = batch_size  # prompts decoded together
+
+    # -- tokenisation --------------------------------------------------------------------------
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context ids (BOS first) and continuation ids, split the way lm-evaluation-harness does:
+        trailing spaces of the context move to the continuation, the pair is encoded whole and the
+        continuation is what follows the context's own encoding, so a word is not split in two."""
+        n = len(context) - len(context.rstrip(" "))
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        ctx = self.tokenizer.encode(context)
+        whole = self.tokenizer.encode(context + continuation)
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            return ctx, whole[len(ctx) :]
+        # The pair merged across the boundary: fall back to encoding the two parts apart.
+        return ctx, self.tokenizer.encode(continuation, add_bos=False)
+
+    # -- log-likelihood ------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[Request], progress: Progress | None = None) -> list[LogLikelihood]:
+        pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
+        return self.loglikelihood_ids(pairs, progress)
+
+    def loglikelihood_ids(
+        self, pairs: Sequence[tuple[list[int], list[int]]], progress: Progress | None = None
+    ) -> list[LogLikelihood]:
+        """Like loglikelihood() on token ids; each context must start with BOS."""
+        limit = self.lm.context
+        fitted = []
+        for ctx, cont in pairs:
+            if not ctx or not cont:
+                raise ValueError("each request needs a non-empty context (BOS at least) and continuation")
+            if len(cont) >= limit:
+                raise ValueError(f"a continuation of {len(cont)} tokens does not fit the context of {limit}")
+            over = len(ctx) + len(cont) - limit
+            if over > 0:  # drop the oldest context tokens, never BOS
+                ctx = ctx[:1] + ctx[1 + over :]
+            fitted.append((list(ctx), list(cont)))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(fitted):
+            groups.setdefault(tuple(ctx), []).append(i)
+        # Lexicographic order puts contexts with long common prefixes next to each other.
+        order = sorted(groups)
+        size = max(len(c) + len(k) for c, k in fitted)
+        out: list[LogLikelihood | None] = [None] * len(fitted)
+        prefix: _State | None = None
+        with torch.inference_mode():
+            for g, ctx in enumerate(order):
+                ctx = list(ctx)
+                if prefix is None or len(prefix.ids) >= len(ctx) or ctx[: len(prefix.ids)] != prefix.ids:
+                    shared = _common_prefix(ctx, order[g + 1]) if g + 1 < len(order) else 0
+                    shared = min(shared, len(ctx) - 1)
+                    prefix = self._extend(None, ctx[:shared], size) if shared >= self.min_shared else None
+                state = self._extend(prefix, ctx, size)
+                rows = groups[tuple(ctx)]
+                for i, ll in zip(rows, self._continuations(state, [fitted[i][1] for i in rows])):
+                    out[i] = ll
+                if progress:
+                    progress(len(rows))
+        return out  # type: ignore[return-value]
+
+    def _extend(self, base: _State | None, ids: list[int], size: int) -> _State:
+        """A new state holding `ids`, which start with base's ids; base is left untouched."""
+        cfg = self.model.config
+        if base is None:
+            cache, start, last = KVCache(cfg, 1, size, self.model.dtype, self.model.device), 0, None
+        else:
+            cache, start, last = _copy_cache(base.cache, 1), len(base.ids), base.last
+        device = self.model.device
+        for s in range(start, len(ids), self.chunk):
+            e = min(s + self.chunk, len(ids))
+            tokens = torch.tensor([ids[s:e]], device=device)
+            positions = torch.arange(s, e, device=device)[None]
+            last = self.model(tokens, positions, cache, select=torch.tensor([e - s - 1], device=device))[0]
+        return _State(list(ids), cache, last)
+
+    def _continuations(self, state: _State, conts: list[list[int]]) -> list[LogLikelihood]:
+        """Score each continuation after the state's tokens; all rows share one copy of the cache."""
+        first = torch.log_softmax(state.last.float(), -1)  # the first token is predicted by the context
+        t = max(len(c) for c in conts) - 1
+        rest = None
+        if t > 0:
+            device = self.model.device
+            n, b = len(state.ids), len(conts)
+            tokens = torch.zeros(b, t, dtype=torch.long)
+            positions = torch.full((b, t), -1, dtype=torch.long)  # -1: padding
+            for r, c in enumerate(conts):
+                tokens[r, : len(c) - 1] = torch.tensor(c[:-1])
+                positions[r, : len(c) - 1] = torch.arange(n, n + len(c) - 1)
+            cache = _copy_cache(state.cache, b)
+            rest = self.model(tokens.to(device), positions.to(device), cache)  # (B, T, V)
+        out = []
+        for r, c in enumerate(conts):
+            logp = [first]
+            if len(c) > 1:
+                logp.append(torch.log_softmax(rest[r, : len(c) - 1].float(), -1))
+            lp = torch.cat([x.reshape(-1, first.shape[-1]) for x in logp])  # (len(c), V)
+            target = torch.tensor(c, device=lp.device)
+            picked = lp.gather(1, target[:, None])[:, 0]
+            greedy = bool((lp.argmax(-1) == target).all())
+            out.append(LogLikelihood(float(picked.double().sum()), greedy, len(c)))
+        return out
+
+    def token_logprobs(self, ids: list[int], score_from: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (float64) of ids[score_from:] each given all ids before it, and
+        whether each was the argmax; computed chunk by chunk through one cache."""
+        if not ids or ids[0] != self.tokenizer.bos_id:
+            raise ValueError("token_logprobs() needs ids that start with BOS")
+        if len(ids) > self.lm.context:
+            raise ValueError(f"{len(ids)} tokens do not fit the context of {self.lm.context}")
+        score_from = max(score_from, 1)
+        device = self.model.device
+        cache = KVCache(self.model.config, 1, len(ids), self.model.dtype, device)
+        logps, greedy = [], []
+        with torch.inference_mode():
+            for s in range(0, len(ids) - 1, self.chunk):
+                e = min(s + self.chunk, len(ids) - 1)  # positions s..e-1 predict ids s+1..e
+                logits = self.model(torch.tensor([ids[s:e]], device=device), torch.arange(s, e, device=device)[None], cache)[0]
+                keep = max(score_from - 1 - s, 0)  # skip predictions of tokens before score_from
+                if keep >= e - s:
+                    continue
+                lp = torch.log_softmax(logits[keep:].float(), -1)
+                target = torch.tensor(ids[s + 1 + keep : e + 1], device=lp.device)
+                logps.append(lp.gather(1, target[:, None])[:, 0].double().cpu())
+                greedy.append((lp.argmax(-1) == target).cpu())
+        if not logps:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+        return torch.cat(logps), torch.cat(greedy)
+
+    def rolling(self, ids: list[int], window: int | None = None, stride: int | None = None, progress: Progress | None = None):
+        """(sum of log-probabilities of every token of `ids`, windows run): `ids` is text without
+        BOS; windows of up to `window` tokens (BOS, then text) advance by `stride` text tokens and
+        each scores only the tokens no earlier window scored."""
+        window = min(window or self.lm.context, self.lm.context)
+        stride = stride or window - 1
+        if window < 2 or not 1 <= stride <= window - 1:
+            raise ValueError(f"need window >= 2 and 1 <= stride <= window - 1, got window={window} stride={stride}")
+        bos, span = self.tokenizer.bos_id, window - 1
+        total, scored, windows, begin = 0.0, 0, 0, 0
+        while scored < len(ids):
+            begin = max(0, min(begin, len(ids) - span))
+            end = min(begin + span, len(ids))
+            # ids[scored:end] are new in this window; those before them are context only.
+            logp, _ = self.token_logprobs([bos] + ids[begin:end], score_from=1 + scored - begin)
+            total += float(logp.sum())
+            scored, windows, begin = end, windows + 1, begin + stride
+            if progress:
+                progress(1)
+        return total, windows
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int, progress: Progress | None = None
+    ) -> list[str]:
+        """Greedy continuations through the Generator, in batches of similar length."""
+        keep = self.lm.context - max_new_tokens  # prompt tokens that leave room for the answer
+        if keep < 2:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {self.lm.context} tokens")
+        # A prompt too long loses its oldest tokens (the first few-shot examples), never BOS.
+        ids = [p if len(p) <= keep else p[:1] + p[len(p) - keep + 1 :] for p in (self.tokenizer.encode(x) for x in prompts)]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(stop))
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[str] = [""] * len(ids)
+        for s in range(0, len(order), self.batch_size):
+            batch = order[s : s + self.batch_size]
+            results = self.lm.generator.generate([ids[i] for i in batch], params)
+            for i, r in zip(batch, results):
+                out[i] = r.text
+            if progress:
+                progress(len(batch))
+        return out
+
+
+def _copy_cache(src: KVCache, batch: int) -> KVCache:
+    """A cache of `batch` rows, each a copy of src's single row."""
+    dst = KVCache(src.config, batch, src.context, src.k[0].dtype, src.k[0].device)
+    for d, s in zip(dst.k + dst.v, src.k + src.v):
+        d.copy_(s.expand_as(d))
+    for kind, table in src.pos.items():
+        dst.pos[kind].copy_(table.expand_as(dst.pos[kind]))
+    dst.filled = src.filled
+    return dst
