@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -32,11 +33,14 @@ def qlinear_kernel():
     try:
         from torch.utils.cpp_extension import load
 
+        build = _build_dir()
+        if not list(build.glob("*.so")):
+            print("gemmarun: compiling the AVX2 kernel (once, about a minute)", file=sys.stderr, flush=True)
         module = load(
             name="gemmarun_qlinear",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
-            build_directory=str(_build_dir()),
+            build_directory=str(build),
             verbose=False,
         )
     except Exception as e:  # no compiler or headers: the portable path still gives the same results
