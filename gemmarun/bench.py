@@ -30,14 +30,17 @@ class Measurement:
 
 
 def memory_bandwidth_gbs(threads: int, mb: int = 1024) -> float:
-    """Read bandwidth: summing a buffer far larger than the caches (best of 5)."""
+    """Read bandwidth: the faster of summing a buffer far larger than the caches and a float32
+    matrix-vector product over it (a single-thread sum alone is compute-bound here), best of 5."""
     torch.set_num_threads(threads)
     x = torch.ones(mb * 2**20 // 4)
+    w, v = x.view(-1, 4096), torch.ones(4096)
     best = float("inf")
-    for _ in range(6):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
+    for op in (x.sum, lambda: w @ v):
+        for _ in range(6):
+            t = time.perf_counter()
+            op()
+            best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
 
 
