@@ -15,10 +15,12 @@ import torch
 import gemmarun
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "gemma3_270m_reference.json").read_text())
-# Measured: our float32 logits differ from transformers' (same dequantised weights) by at most
-# 1.7e-5 on these prompts, and all 10 greedy continuations are identical; 1e-3 leaves room for BLAS summation order on other CPUs.
-LOGIT_TOL = 1e-3
-TIE_TOL = 1e-3  # where greedy paths part, the two candidates must be this close (a near tie)
+# Measured: with the blocks decoded to float32 our logits differ from transformers' (same
+# dequantised weights) by at most 1.7e-5 on these prompts; 1e-3 leaves room for BLAS summation
+# order on other CPUs. Blocks kept packed run the kernel on int16-rounded activations: at most
+# 2.1e-3 measured, and all 10 greedy continuations still identical.
+LOGIT_TOL = {"decoded": 1e-3, "packed": 1e-2}
+TIE_TOL = 1e-2  # where greedy paths part, the two candidates must be this close (a near tie, within the packed error)
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +36,20 @@ def test_default_model_is_the_real_gemma3_270m(lm):
     assert lm.source.endswith(REFERENCE["model"])
 
 
+@pytest.fixture(scope="module")
+def decoded():
+    return gemmarun.load(quantize="none")
+
+
+@pytest.mark.parametrize("mode", ["packed", "decoded"])
 @pytest.mark.parametrize("row", REFERENCE["rows"], ids=lambda r: r["prompt"][:24])
-def test_prompt_tokens_and_last_logits(lm, row):
+def test_prompt_tokens_and_last_logits(request, mode, row):
+    lm = request.getfixturevalue("lm" if mode == "packed" else "decoded")
     assert lm.tokenizer.encode(row["prompt"]) == row["prompt_ids"]
     last = lm.logits(row["prompt_ids"])[-1]
     got = last[row["last_top_ids"]]
-    assert (got - torch.tensor(row["last_top_logits"])).abs().max().item() < LOGIT_TOL
-    assert abs(torch.logsumexp(last, -1).item() - row["last_logsumexp"]) < LOGIT_TOL
+    assert (got - torch.tensor(row["last_top_logits"])).abs().max().item() < LOGIT_TOL[mode]
+    assert abs(torch.logsumexp(last, -1).item() - row["last_logsumexp"]) < LOGIT_TOL[mode]
 
 
 def test_greedy_continuations_match_transformers(lm):

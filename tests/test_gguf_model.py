@@ -93,7 +93,9 @@ def test_q8_gguf_equals_reference_on_gguf_dequantised_weights(files):
     with torch.no_grad():
         expected = dequantised(torch.tensor([ids])).logits[0]
         assert (ref(torch.tensor([ids])).logits[0] - expected).abs().max() > 1e-3  # the weights did change
-    assert (lm.logits(ids) - expected).abs().max().item() < 1e-4
+    assert (gemmarun.load(paths["Q8_0"], quantize="none").logits(ids) - expected).abs().max().item() < 1e-4
+    # Kept packed, the kernel rounds activations to int16: measured at most 2.3e-3 here.
+    assert (lm.logits(ids) - expected).abs().max().item() < 1e-2
 
 
 def test_cli_runs_a_gguf_file(files):

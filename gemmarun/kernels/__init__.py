@@ -39,7 +39,10 @@ def qlinear_kernel():
         module = load(
             name="gemmarun_qlinear",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
+            # -fopenmp: at::parallel_for is inline and runs serially without it; libgomp.so.1 is
+            # the runtime torch itself ships, so the process keeps one thread pool.
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=False,
         )

@@ -1,19 +1,25 @@
-// Weight-only quantised matrix-vector kernels for AVX2/FMA CPUs.
+// Quantised matrix products for AVX2 CPUs: int16 activations against 8-bit or 4-bit weights.
 //
 // y[m, n] = sum_k x[m, k] * w[n, k], with w[n, k] = scale[n, g] * (q[n, k] - zero) + min[n, g],
-// g = k / group. Decoding reads every weight once per token, so these kernels exist to stream
-// 8-bit or 4-bit weights at memory speed instead of expanding them to float32 first.
+// g = k / group. Decoding reads every weight once per token; converting each weight to float32
+// and multiplying with FMA is compute-bound at about 1.5 weights per cycle, below what memory
+// delivers. So x is quantised to int16 in blocks of 32 (one float32 scale each) and each block
+// of 32 weights costs two integer multiply-adds (madd) per activation row.
 //
-// q8: q is int8, row-major (N, K); group a multiple of 8.
+// q8: q is int8, row-major (N, K).
 // q4: q is 4-bit, 16 bytes per 32 values: byte j holds value j in its low nibble and value j + 16
-//     in its high nibble (ggml's Q4_0 order), which unpacks with one mask and one shift; group a
-//     multiple of 32.
+//     in its high nibble (ggml's Q4_0 order), which unpacks with one mask and one shift.
+// group: a multiple of 32, or 16 without mins or zero (Q6_K's sub-blocks).
 // Scales and mins are float32 or float16 (N, K / group).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 namespace {
+
+constexpr int64_t QK = 32;       // activation block
+constexpr int64_t ROWS = 4;      // activation rows sharing each weight load
+constexpr int64_t WEIGHT_TILE = 16;  // weight rows kept hot in L1/L2 while all activation rows pass
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -23,98 +29,177 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
 inline float load_scale(const float* s, int64_t i) { return s[i]; }
 inline float load_scale(const at::Half* s, int64_t i) { return _cvtsh_ss(reinterpret_cast<const uint16_t*>(s)[i]); }
 
-// Per-row sums of x over each group: the `zero` and `min` terms need sum_k x[m, k] per group.
-std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t group) {
-  int64_t ng = K / group;
-  std::vector<float> s(M * ng, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < ng; ++g) {
-      float acc = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) acc += x[m * K + k];
-      s[m * ng + g] = acc;
+// Activations as int16 blocks: xq (M, K), d (M, K / 32) scales, s (M, K / 32) = d * sum(xq), the
+// block sums the zero and min terms need (taken from xq, so they cancel its rounding). int16 keeps
+// the relative error near 1e-5 where int8 (ggml's Q8_0) costs up to ~0.7 in the 270M's logits,
+// for one more widening per weight block: the products are summed by madd in int32 either way.
+struct QuantisedRows {
+  std::vector<int16_t> q;
+  std::vector<float> d, s;
+};
+
+QuantisedRows quantise_rows(const float* x, int64_t M, int64_t K) {
+  int64_t nb = K / QK;
+  QuantisedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  at::parallel_for(0, M * nb, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* src = x + b * QK;
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(src + 8 * j);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+      }
+      __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+      m = _mm_max_ss(m, _mm_movehdup_ps(m));
+      float a = _mm_cvtss_f32(m);
+      __m256 inv = _mm256_set1_ps(a > 0.f ? 32767.f / a : 0.f);
+      __m256i i[4];
+      for (int j = 0; j < 4; ++j)
+        i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      int sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
+      // packs works within 128-bit lanes; 0xD8 puts the four 64-bit quarters back in order.
+      __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[0], i[1]), 0xD8);
+      __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2], i[3]), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + b * QK), lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + b * QK + 16), hi);
+      float d = a / 32767.f;
+      r.d[b] = d;
+      r.s[b] = d * static_cast<float>(sum);
     }
-  return s;
+  });
+  return r;
 }
 
-// MB rows of x at once (templated so the accumulators live in registers).
-template <int MB, bool Q4, typename S>
-void row_block(const float* x, int64_t K, const uint8_t* wrow, const S* scales, const S* mins, int64_t group,
-               float zero, const float* xsum, int64_t ng, float* out, int64_t N, int64_t n, int64_t srow) {
-  __m256 acc[MB];
-  float extra[MB];
-  for (int i = 0; i < MB; ++i) { acc[i] = _mm256_setzero_ps(); extra[i] = 0.f; }
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t g = 0; g < ng; ++g) {
-    // Four independent accumulators per row hide the FMA latency.
-    __m256 gacc[MB][4];
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < 4; ++j) gacc[i][j] = _mm256_setzero_ps();
-    if (Q4) {
-      for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k / 2));
-        __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-        __m256 w[4];
-        w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+// 32 weights widened to int16: values 0-15 in w0, 16-31 in w1.
+template <bool Q4>
+inline void load_block(const uint8_t* wrow, int64_t b, __m256i& w0, __m256i& w1) {
+  if (Q4) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + b * QK / 2));
+    w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low4));
+    w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+  } else {
+    __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + b * QK));
+    w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
+    w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+  }
+}
+
+// NR weight rows [n0, n0 + NR) against MB activation rows [m0, m0 + MB): template arguments, so
+// the NR * MB accumulators live in registers. One row decodes with NR = 4 independent chains (the
+// FMA latency would otherwise bound short rows such as the 640-wide LM head); batches share each
+// weight load across MB rows. EXTRA: the weights have a zero or mins, added from the block sums.
+template <int NR, int MB, bool Q4, bool EXTRA, typename S>
+void dot_tile(const QuantisedRows& x, int64_t m0, int64_t K, const uint8_t* q, const S* scales, const S* mins,
+              int64_t group, float zero, float* out, int64_t N, int64_t n0) {
+  const int64_t nb = K / QK, ng = K / group, row_bytes = Q4 ? K / 2 : K;
+  __m256 acc[NR][MB];
+  float extra[NR][MB];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MB; ++i) { acc[r][i] = _mm256_setzero_ps(); extra[r][i] = 0.f; }
+  __m256 odd = _mm256_setzero_ps();  // a second chain for odd blocks when there is one accumulator
+  const int16_t* xq = x.q.data() + m0 * K;
+  const float* xd = x.d.data() + m0 * nb;
+  const float* xs = x.s.data() + m0 * nb;
+  const uint8_t* w = q + n0 * row_bytes;
+  const S* sc = scales + n0 * ng;
+  if (group == 16) {  // a scale per half block (Q6_K's sub-blocks); no zero or mins
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i x0[MB], x1[MB];
+      for (int i = 0; i < MB; ++i) {
+        x0[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK));
+        x1[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK + 16));
+      }
+      for (int r = 0; r < NR; ++r) {
+        __m256i w0, w1;
+        load_block<Q4>(w + r * row_bytes, b, w0, w1);
+        __m256 s0 = _mm256_set1_ps(load_scale(sc, r * ng + 2 * b)), s1 = _mm256_set1_ps(load_scale(sc, r * ng + 2 * b + 1));
         for (int i = 0; i < MB; ++i) {
-          const float* xr = x + i * K + k;
-          for (int j = 0; j < 4; ++j) gacc[i][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr + 8 * j), gacc[i][j]);
+          __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w1, x1[i])), s1,
+                                     _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w0, x0[i])), s0));
+          acc[r][i] = _mm256_fmadd_ps(p, _mm256_set1_ps(xd[i * nb + b]), acc[r][i]);
         }
       }
-    } else {
-      int64_t k = g * group, end = (g + 1) * group;
-      for (; k + 32 <= end; k += 32) {
-        __m256 w[4];
-        for (int j = 0; j < 4; ++j)
-          w[j] = _mm256_cvtepi32_ps(
-              _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrow + k + 8 * j))));
+    }
+  } else {
+    const int64_t per = group / QK;
+    for (int64_t g = 0, b = 0; g < ng; ++g) {
+      __m256 ws[NR];
+      float offset[NR];
+      for (int r = 0; r < NR; ++r) {
+        float s = load_scale(sc, r * ng + g);
+        ws[r] = _mm256_set1_ps(s);
+        offset[r] = EXTRA ? (mins ? load_scale(mins, (n0 + r) * ng + g) : 0.f) - s * zero : 0.f;
+      }
+      for (int64_t end = b + per; b < end; ++b) {
+        __m256i x0[MB], x1[MB];
         for (int i = 0; i < MB; ++i) {
-          const float* xr = x + i * K + k;
-          for (int j = 0; j < 4; ++j) gacc[i][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr + 8 * j), gacc[i][j]);
+          x0[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK));
+          x1[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK + 16));
+        }
+        for (int r = 0; r < NR; ++r) {
+          __m256i w0, w1;
+          load_block<Q4>(w + r * row_bytes, b, w0, w1);
+          for (int i = 0; i < MB; ++i) {
+            // |w| <= 255 and |x| <= 32767: each int32 lane sums four products, far from overflow.
+            __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0[i]), _mm256_madd_epi16(w1, x1[i]));
+            __m256 f = _mm256_mul_ps(ws[r], _mm256_set1_ps(xd[i * nb + b]));
+            if (NR * MB == 1 && (b & 1)) odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, odd);
+            else acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[r][i]);
+            if (EXTRA) extra[r][i] += offset[r] * xs[i * nb + b];
+          }
         }
       }
-      for (; k < end; k += 8) {
-        __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrow + k))));
-        for (int i = 0; i < MB; ++i) gacc[i][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * K + k), gacc[i][0]);
-      }
-    }
-    __m256 s = _mm256_set1_ps(load_scale(scales, srow + g));
-    for (int i = 0; i < MB; ++i) {
-      __m256 t = _mm256_add_ps(_mm256_add_ps(gacc[i][0], gacc[i][1]), _mm256_add_ps(gacc[i][2], gacc[i][3]));
-      acc[i] = _mm256_fmadd_ps(t, s, acc[i]);
-    }
-    if (zero != 0.f || mins) {
-      float sc = load_scale(scales, srow + g), mn = mins ? load_scale(mins, srow + g) : 0.f;
-      for (int i = 0; i < MB; ++i) extra[i] += (mn - sc * zero) * xsum[i * ng + g];
     }
   }
-  for (int i = 0; i < MB; ++i) out[i * N + n] = hsum(acc[i]) + extra[i];
+  if (NR * MB == 1) acc[0][0] = _mm256_add_ps(acc[0][0], odd);
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MB; ++i) out[(m0 + i) * N + n0 + r] = hsum(acc[r][i]) + extra[r][i];
+}
+
+template <int NR, int MB, bool Q4, typename S>
+inline void tile(bool extra, const QuantisedRows& x, int64_t m0, int64_t K, const uint8_t* q, const S* scales,
+                 const S* mins, int64_t group, float zero, float* out, int64_t N, int64_t n0) {
+  if (extra) dot_tile<NR, MB, Q4, true>(x, m0, K, q, scales, mins, group, zero, out, N, n0);
+  else dot_tile<NR, MB, Q4, false>(x, m0, K, q, scales, mins, group, zero, out, N, n0);
+}
+
+// All weight rows [t0, t1) against activation rows [m0, m0 + MB): NR rows at a time, then singly.
+template <int NR, int MB, bool Q4, typename S>
+void rows(bool extra, const QuantisedRows& x, int64_t m0, int64_t K, const uint8_t* q, const S* scales, const S* mins,
+          int64_t group, float zero, float* out, int64_t N, int64_t t0, int64_t t1) {
+  int64_t n = t0;
+  for (; n + NR <= t1; n += NR) tile<NR, MB, Q4>(extra, x, m0, K, q, scales, mins, group, zero, out, N, n);
+  for (; n < t1; ++n) tile<1, MB, Q4>(extra, x, m0, K, q, scales, mins, group, zero, out, N, n);
 }
 
 template <bool Q4, typename S>
 void run(const float* x, int64_t M, int64_t K, const uint8_t* q, const S* scales, const S* mins, int64_t group,
          float zero, float* out, int64_t N) {
-  int64_t ng = K / group;
-  std::vector<float> xsum = (zero != 0.f || mins) ? group_sums(x, M, K, group) : std::vector<float>(M * ng, 0.f);
-  int64_t row_bytes = Q4 ? K / 2 : K;
-  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* wrow = q + n * row_bytes;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        int64_t mb = std::min<int64_t>(4, M - m0);
-        const float* xb = x + m0 * K;
-        const float* xs = xsum.data() + m0 * ng;
-        float* ob = out + m0 * N;
-        switch (mb) {
-          case 4: row_block<4, Q4>(xb, K, wrow, scales, mins, group, zero, xs, ng, ob, N, n, n * ng); break;
-          case 3: row_block<3, Q4>(xb, K, wrow, scales, mins, group, zero, xs, ng, ob, N, n, n * ng); break;
-          case 2: row_block<2, Q4>(xb, K, wrow, scales, mins, group, zero, xs, ng, ob, N, n, n * ng); break;
-          default: row_block<1, Q4>(xb, K, wrow, scales, mins, group, zero, xs, ng, ob, N, n, n * ng); break;
+  QuantisedRows xq = quantise_rows(x, M, K);
+  const bool extra = zero != 0.f || mins;
+  at::parallel_for(0, N, WEIGHT_TILE, [&](int64_t n0, int64_t n1) {
+    for (int64_t t0 = n0; t0 < n1; t0 += WEIGHT_TILE) {
+      int64_t t1 = std::min(t0 + WEIGHT_TILE, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+        switch (std::min(ROWS, M - m0)) {  // accumulators: 4, 4, 3, 4
+          case 4: rows<1, 4, Q4>(extra, xq, m0, K, q, scales, mins, group, zero, out, N, t0, t1); break;
+          case 3: rows<1, 3, Q4>(extra, xq, m0, K, q, scales, mins, group, zero, out, N, t0, t1); break;
+          case 2: rows<2, 2, Q4>(extra, xq, m0, K, q, scales, mins, group, zero, out, N, t0, t1); break;
+          default: rows<1, 1, Q4>(extra, xq, m0, K, q, scales, mins, group, zero, out, N, t0, t1); break;
         }
       }
     }
@@ -129,12 +214,13 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, c1
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (M, K)");
   TORCH_CHECK(q.is_contiguous() && scales.is_contiguous(), "q and scales must be contiguous");
   int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(group % (q4 ? 32 : 8) == 0 && K % group == 0, "group must be a multiple of 32 (q4) or 8 (q8) dividing K");
+  bool has_min = mins.has_value() && mins->defined();
+  TORCH_CHECK(K % QK == 0 && K % group == 0, "K must be a multiple of 32 and of the group");
+  TORCH_CHECK(group % QK == 0 || (group == 16 && !q4 && !has_min && zero == 0.0), "group must be a multiple of 32 (or 16 for plain int8)");
   TORCH_CHECK(q.size(1) == (q4 ? K / 2 : K), "q has the wrong row length");
   TORCH_CHECK(scales.size(0) == N && scales.size(1) == K / group, "scales must be (N, K / group)");
   auto out = torch::empty({M, N}, x.options());
   const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr());
-  bool has_min = mins.has_value() && mins->defined();
   if (has_min) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type(), "mins like scales");
   float z = static_cast<float>(zero);
   if (scales.scalar_type() == at::kHalf) {
@@ -150,4 +236,4 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, c1
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("qlinear", &qlinear, "weight-only quantised linear (AVX2)"); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("qlinear", &qlinear, "quantised linear, int16 activations (AVX2)"); }
