@@ -13,6 +13,7 @@ from torch import nn
 
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
+from .kernels import rms_norm_kernel
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +24,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 throughout, and 1 + w added in fp32: in bf16 the sum loses w's low bits.
+        kernel = rms_norm_kernel() if x.device.type == "cpu" else None
+        if kernel is not None:  # one fused call instead of four ops: ~110 norms per decoded token
+            return kernel(x.float().contiguous(), self.weight.float(), self.eps).type_as(x)
         # (F.rms_norm computes x * rsqrt(mean(x^2) + eps) * scale in one op, in x's dtype.)
         scale = self.weight.float() + 1.0
         return F.rms_norm(x.float(), scale.shape, scale, self.eps).type_as(x)

@@ -101,17 +101,25 @@ def kernel_fits(p: Packed) -> bool:
 
 def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
     """x (..., K) @ W.T -> (..., N), float32 accumulation, result in x's dtype."""
+    return _matmul(x, p.q, p.scales, p.mins, p.group, p.zero, p.bits, kernel_fits(p))
+
+
+def _matmul(x, q, scales, mins, group: int, zero: float, bits: int, fits: bool) -> torch.Tensor:
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float().contiguous()
-    kernel = qlinear_kernel()
-    if kernel is not None and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernel_fits(p):
-        out = kernel(x2, p.q, p.scales, p.mins, p.group, p.zero, p.bits == 4)
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    kernel = qlinear_kernel() if fits and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" else None
+    if kernel is not None:
+        out = kernel(x2, q, scales, mins, group, zero, bits == 4)
     else:
-        n = p.q.shape[0]
+        p = Packed(q, scales, mins, group, zero, bits)
+        n = q.shape[0]
         out = torch.empty(x2.shape[0], n, device=x.device)
         for r in range(0, n, DENSE_TILE):
             out[:, r : r + DENSE_TILE] = F.linear(x2, dequantize(p, slice(r, r + DENSE_TILE)))
-    return out.to(x.dtype).view(*shape[:-1], -1)
+    out = out.view(*shape[:-1], -1)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 class _QuantWeight(nn.Module):
@@ -123,6 +131,7 @@ class _QuantWeight(nn.Module):
         self.register_buffer("scales", p.scales)
         self.register_buffer("mins", p.mins)
         self.group, self.zero, self.bits = p.group, p.zero, p.bits
+        self.fits = kernel_fits(p)
 
     @property
     def packed(self) -> Packed:
@@ -133,9 +142,14 @@ class _QuantWeight(nn.Module):
                 "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}  # fmt: skip
 
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # The buffers passed directly: decoding calls this ~130 times a token.
+        return _matmul(x, self.qweight, self.scales, self.mins, self.group, self.zero, self.bits, self.fits)
+
+
 class QuantLinear(_QuantWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.packed)
+        return self.matmul(x)
 
 
 class QuantEmbedding(_QuantWeight):
@@ -146,7 +160,7 @@ class QuantEmbedding(_QuantWeight):
         return dequantize(self.packed, flat).view(*ids.shape, -1)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.packed)
+        return self.matmul(x)
 
 
 SCHEMES = ("int8", "int4")

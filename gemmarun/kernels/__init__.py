@@ -1,4 +1,4 @@
-"""The AVX2 weight-only matmul kernel, compiled once on first use and cached; None where unavailable."""
+"""The AVX2 kernels (quantised matmul, RMSNorm), compiled once on first use and cached; None where unavailable."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("qlinear.cpp")
+SOURCE = Path(__file__).with_name("avx2.cpp")
 
 
 def _build_dir() -> Path:
@@ -24,8 +24,8 @@ def _build_dir() -> Path:
 
 
 @lru_cache(maxsize=1)
-def qlinear_kernel():
-    """The compiled `qlinear` function, or None (no AVX2, no compiler, or GEMMARUN_NO_KERNELS=1)."""
+def _module():
+    """The compiled extension, or None (no AVX2, no compiler, or GEMMARUN_NO_KERNELS=1)."""
     if os.environ.get("GEMMARUN_NO_KERNELS") == "1":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -37,7 +37,7 @@ def qlinear_kernel():
         if not list(build.glob("*.so")):
             print("gemmarun: compiling the AVX2 kernel (once, about a minute)", file=sys.stderr, flush=True)
         module = load(
-            name="gemmarun_qlinear",
+            name="gemmarun_avx2",
             sources=[str(SOURCE)],
             # -fopenmp: at::parallel_for is inline and runs serially without it; libgomp.so.1 is
             # the runtime torch itself ships, so the process keeps one thread pool.
@@ -49,4 +49,16 @@ def qlinear_kernel():
     except Exception as e:  # no compiler or headers: the portable path still gives the same results
         warnings.warn(f"the AVX2 kernel could not be built ({type(e).__name__}: {str(e)[:200]}); using the slower portable path")
         return None
-    return module.qlinear
+    return module
+
+
+def qlinear_kernel():
+    """qlinear(x, q, scales, mins, group, zero, q4) -> x @ W.T (see avx2.cpp), or None."""
+    m = _module()
+    return m.qlinear if m is not None else None
+
+
+def rms_norm_kernel():
+    """rms_norm(x, w, eps) -> x * rsqrt(mean(x^2) + eps) * (1 + w) in float32, or None."""
+    m = _module()
+    return m.rms_norm if m is not None else None
