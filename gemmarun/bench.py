@@ -176,10 +176,10 @@ def table(rows: list[Measurement], bandwidth_gbs: float, baseline: Measurement |
 # ------------------------------------------------------------------------------------ suites
 
 
-def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print) -> dict[str, Path]:
-    """The random-weight gemma-2-2b checkpoint (bf16 safetensors + tokenizer) and GGUF copies of the
-    same weights, made once and cached. The tokenizer is Gemma 3's vocabulary cut to Gemma 2's size
-    (speed does not depend on which pieces the ids stand for)."""
+def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, schemes: tuple[str, ...] = ()) -> dict[str, Path]:
+    """The random-weight gemma-2-2b checkpoint (bf16 safetensors + tokenizer), GGUF copies of the
+    same weights and `gemmarun quantize` copies (int8, int4), made once and cached. The tokenizer is
+    Gemma 3's vocabulary cut to Gemma 2's size (speed does not depend on which pieces the ids stand for)."""
     from .config import PRESETS
     from .default_model import default_model_path
     from .random_checkpoint import write_random_checkpoint
@@ -213,6 +213,16 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print) -> dic
             path.with_suffix(".partial").rename(path)
             del model, state
         paths[t] = path
+    for scheme in schemes:  # loaded as users would after `gemmarun quantize`, like llama.cpp's GGUF files
+        path = folder / f"gemma-2-2b-{scheme}"
+        if not (path / "model.safetensors").exists():
+            from .lm import load
+            from .quant import save_quantized
+
+            log(f"writing {path.name} (once)")
+            save_quantized(load(hf, quantize=scheme), path.with_suffix(".partial"))
+            path.with_suffix(".partial").rename(path)
+        paths[scheme] = path
     return paths
 
 
@@ -238,11 +248,13 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
     specs = []
     if shape == "gemma-2-2b":
         gguf_types = ("F16", "Q8_0", "Q4_0") if "llama.cpp" in engines else ()
-        files = gemma2_2b_files(cache, gguf_types, log)
+        schemes = ("int8", "int4") if "gemmarun" in engines else ()
+        files = gemma2_2b_files(cache, gguf_types, log, schemes)
         hf = str(files["hf"])
         if "gemmarun" in engines:
             specs += [("gemmarun", dict(run, model=hf, dtype="float32")), ("gemmarun", dict(run, model=hf, dtype="bfloat16")),
-                      ("gemmarun", dict(run, model=hf, quantize="int8")), ("gemmarun", dict(run, model=hf, quantize="int4"))]  # fmt: skip
+                      ("gemmarun", dict(run, model=str(files["int8"]), label="int8")),
+                      ("gemmarun", dict(run, model=str(files["int4"]), label="int4 g32"))]  # fmt: skip
         if "transformers" in engines:
             specs += [("transformers", dict(run, model=hf, dtype="bfloat16")), ("transformers", dict(run, model=hf, dtype="float32"))]
         for t in gguf_types:

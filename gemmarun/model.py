@@ -32,6 +32,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), scale.shape, scale, self.eps).type_as(x)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without its random init: models are built on the meta device and every weight
+    comes from a checkpoint, and the init's meta-tensor decompositions cost a second at load."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class Rope:
     """Rotary embedding on the full head_dim, half-split layout (rotate_half)."""
 
@@ -61,10 +69,10 @@ class Attention(nn.Module):
         self.sliding = config.is_sliding(layer)
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         h, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.q_proj = Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = Linear(h, self.n_kv * d, bias=False)
+        self.v_proj = Linear(h, self.n_kv * d, bias=False)
+        self.o_proj = Linear(self.n_heads * d, h, bias=False)
         if config.qk_norm:  # Gemma 3 normalises each head's q and k
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
@@ -104,9 +112,9 @@ class MLP(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        self.gate_proj = Linear(h, i, bias=False)
+        self.up_proj = Linear(h, i, bias=False)
+        self.down_proj = Linear(i, h, bias=False)
 
     def forward(self, x):
         # GeGLU with the tanh approximation of GELU, as Gemma was trained.
@@ -132,6 +140,9 @@ class Block(nn.Module):
 
 class TiedEmbedding(nn.Embedding):
     """The token embedding, which is also the LM head (Gemma ties them)."""
+
+    def reset_parameters(self) -> None:
+        pass  # as Linear: the weights come from a checkpoint
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)

@@ -363,7 +363,6 @@ def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
 # reference (integers are exact; one rounding per multiply or add), so results match it bit for bit.
 # The integer codes stay 8-bit until the one mixed-dtype multiply that writes `o`. QK_K = 256.
 
-_BIT = torch.arange(32, dtype=torch.int32)
 
 
 def _f16(b: torch.Tensor, at: int) -> torch.Tensor:  # the fp16 field at (even) byte `at` of each block -> (nb, 1)
@@ -382,7 +381,8 @@ def _nibbles(q: torch.Tensor) -> torch.Tensor:  # (nb, n) -> (nb, 2n): all low n
 
 
 def _bits32(qh: torch.Tensor) -> torch.Tensor:  # (nb, 4) little-endian uint32 -> (nb, 32) bits, bit j first
-    return ((qh.contiguous().view(torch.int32) >> _BIT) & 1).to(torch.uint8)
+    # Bit j of the uint32 is bit j % 8 of byte j // 8; numpy unpacks bytes without int32 temporaries.
+    return torch.from_numpy(np.unpackbits(qh.contiguous().numpy(), axis=-1, bitorder="little"))
 
 
 def _q4_0(b, o):  # d, 16 bytes of 4-bit q: x = d * (q - 8)
