@@ -116,10 +116,20 @@ inline float offset_dot(const S* scales, const S* mins, float zero, const float*
   return s;
 }
 
+// Block b of MB activation rows: values 0-15 in x0, 16-31 in x1.
+template <int MB>
+inline void load_x(const int16_t* xq, int64_t K, int64_t b, __m256i* x0, __m256i* x1) {
+  for (int i = 0; i < MB; ++i) {
+    x0[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK));
+    x1[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK + 16));
+  }
+}
+
 // NR weight rows [n0, n0 + NR) against MB activation rows [m0, m0 + MB): template arguments, so
-// the NR * MB accumulators live in registers. One row decodes with NR = 4 independent chains (the
-// FMA latency would otherwise bound short rows such as the 640-wide LM head); batches share each
-// weight load across MB rows. EXTRA: the weights have a zero or mins, added from the block sums.
+// the NR * MB accumulators live in registers. Batches share each weight load across MB rows. One
+// row alone keeps one weight row (several interleaved rows halved the memory streaming rate on the
+// 262k-row LM head) and alternates two accumulators, so FMA latency does not bound it.
+// EXTRA: the weights have a zero or mins, added from the block sums.
 template <int NR, int MB, bool Q4, bool EXTRA, typename S>
 void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, const uint8_t* q, const S* scales,
               const S* mins, int64_t group, float zero, float* out, int64_t N, int64_t n0) {
@@ -136,10 +146,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
   if (group == 16) {  // a scale per half block (Q6_K's sub-blocks); no zero or mins
     for (int64_t b = 0; b < nb; ++b) {
       __m256i x0[MB], x1[MB];
-      for (int i = 0; i < MB; ++i) {
-        x0[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK));
-        x1[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK + 16));
-      }
+      load_x<MB>(xq, K, b, x0, x1);
       for (int r = 0; r < NR; ++r) {
         __m256i w0, w1;
         load_block<Q4>(w + r * row_bytes, b, w0, w1);
@@ -158,10 +165,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
       for (int r = 0; r < NR; ++r) ws[r] = _mm256_set1_ps(load_scale(sc, r * ng + g));
       for (int64_t end = b + per; b < end; ++b) {
         __m256i x0[MB], x1[MB];
-        for (int i = 0; i < MB; ++i) {
-          x0[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK));
-          x1[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * QK + 16));
-        }
+        load_x<MB>(xq, K, b, x0, x1);
         for (int r = 0; r < NR; ++r) {
           __m256i w0, w1;
           load_block<Q4>(w + r * row_bytes, b, w0, w1);
