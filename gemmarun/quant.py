@@ -141,7 +141,6 @@ class _QuantWeight(nn.Module):
         return {"bits": self.bits, "group": self.group, "zero": self.zero, "mins": self.mins is not None,
                 "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}  # fmt: skip
 
-
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         # The buffers passed directly: decoding calls this ~130 times a token.
         return _matmul(x, self.qweight, self.scales, self.mins, self.group, self.zero, self.bits, self.fits)

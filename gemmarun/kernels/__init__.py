@@ -46,7 +46,7 @@ def _module():
             build_directory=str(build),
             verbose=False,
         )
-    except Exception as e:  # no compiler or headers: the portable path still gives the same results
+    except Exception as e:  # no compiler or headers: the portable path computes the same products in float32
         warnings.warn(f"the AVX2 kernel could not be built ({type(e).__name__}: {str(e)[:200]}); using the slower portable path")
         return None
     return module
