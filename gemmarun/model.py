@@ -13,7 +13,7 @@ from torch import nn
 
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
-from .kernels import rms_norm_kernel
+from .kernels import attention_kernel, rms_norm_kernel
 
 
 class RMSNorm(nn.Module):
@@ -85,9 +85,17 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        kernel = attention_kernel() if t == 1 and cache is not None and x.dtype == torch.float32 and x.device.type == "cpu" else None
+        if kernel is not None and not plan.concat:  # a decoding step: one fused call instead of ~25 ops
+            out = kernel(q.view(b, self.n_heads, self.head_dim).contiguous(), k.view(b, self.n_kv, self.head_dim).contiguous(),
+                         v.view(b, self.n_kv, self.head_dim).contiguous(), cache.k[self.layer], cache.v[self.layer],
+                         plan.slots.view(b), plan.mask.view(b, -1), cos.view(b, -1), sin.view(b, -1),
+                         self.scale, self.softcap or 0.0)  # fmt: skip
+            return self.o_proj(out.view(b, 1, -1))
+        v = v.transpose(1, 2)  # (B, Hkv, T, D)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
         if cache is not None:

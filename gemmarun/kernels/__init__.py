@@ -1,4 +1,4 @@
-"""The AVX2 kernels (quantised matmul, RMSNorm), compiled once on first use and cached; None where unavailable."""
+"""The AVX2 kernels (quantised matmul, RMSNorm, decode attention), compiled once on first use and cached; None where unavailable."""
 from __future__ import annotations
 
 import hashlib
@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("avx2.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("avx2.cpp", "attention.cpp")]  # the first holds the bindings
 
 
 def _build_dir() -> Path:
     from ..default_model import cache_dir
 
     # One folder per torch version and source, so an upgrade never loads a stale binary.
-    tag = f"torch{torch.__version__.replace('+', '_')}-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)).hexdigest()[:12]
+    tag = f"torch{torch.__version__.replace('+', '_')}-{digest}"
     d = cache_dir() / "kernels" / tag
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -38,7 +39,7 @@ def _module():
             print("gemmarun: compiling the AVX2 kernel (once, about a minute)", file=sys.stderr, flush=True)
         module = load(
             name="gemmarun_avx2",
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             # -fopenmp: at::parallel_for is inline and runs serially without it; libgomp.so.1 is
             # the runtime torch itself ships, so the process keeps one thread pool.
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
@@ -62,3 +63,9 @@ def rms_norm_kernel():
     """rms_norm(x, w, eps) -> x * rsqrt(mean(x^2) + eps) * (1 + w) in float32, or None."""
     m = _module()
     return m.rms_norm if m is not None else None
+
+
+def attention_kernel():
+    """decode_attention(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap) -> (B, H * D), or None."""
+    m = _module()
+    return m.decode_attention if m is not None else None
