@@ -14,6 +14,7 @@ from torch import nn
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
 from .kernels import attention_kernel, rms_norm_kernel
+from .quant import linears
 
 
 class RMSNorm(nn.Module):
@@ -83,9 +84,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         kernel = attention_kernel() if t == 1 and cache is not None and x.dtype == torch.float32 and x.device.type == "cpu" else None
@@ -126,7 +128,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         # GeGLU with the tanh approximation of GELU, as Gemma was trained.
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):

@@ -111,7 +111,7 @@ def _matmul(x, q, scales, mins, group: int, zero: float, bits: int, fits: bool) 
         x2 = x2.float().contiguous()
     kernel = qlinear_kernel() if fits and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" else None
     if kernel is not None:
-        out = kernel(x2, q, scales, mins, group, zero, bits == 4)
+        out = kernel(x2, [q], [scales], [mins], [group], [zero], [bits == 4])[0]
     else:
         p = Packed(q, scales, mins, group, zero, bits)
         n = q.shape[0]
@@ -120,6 +120,20 @@ def _matmul(x, q, scales, mins, group: int, zero: float, bits: int, fits: bool) 
             out[:, r : r + DENSE_TILE] = F.linear(x2, dequantize(p, slice(r, r + DENSE_TILE)))
     out = out.view(*shape[:-1], -1)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def linears(x: torch.Tensor, layers) -> list[torch.Tensor]:
+    """x through several linear layers that share it (q, k, v; gate, up).
+
+    When all are quantised and the kernel takes them, one call rounds x once and runs every
+    matrix in one parallel region; otherwise each layer runs on its own."""
+    kernel = qlinear_kernel()
+    rows = x.numel() // x.shape[-1]
+    if (kernel is None or x.dtype != torch.float32 or x.device.type != "cpu" or rows > KERNEL_MAX_ROWS
+            or not all(isinstance(m, QuantLinear) and m.fits for m in layers)):  # fmt: skip
+        return [m(x) for m in layers]
+    return kernel(x.contiguous(), [m.qweight for m in layers], [m.scales for m in layers], [m.mins for m in layers],
+                  [m.group for m in layers], [m.zero for m in layers], [m.bits == 4 for m in layers])  # fmt: skip
 
 
 class _QuantWeight(nn.Module):

@@ -14,7 +14,8 @@ from gguf import GGMLQuantizationType as QT
 
 import gemmarun
 from gemmarun.kernels import qlinear_kernel
-from gemmarun.quant import KERNEL_MAX_ROWS, Packed, dequantize, matmul, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
+from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, quantize_int4,
+                            quantize_int8, unpack_nibbles)
 from gemmarun.weights.gguf import GGUFTensor
 from gemmarun.weights.gguf_packed import repack
 from checkpoints import make_reference, save_checkpoint
@@ -92,6 +93,20 @@ def test_gguf_blocks_stay_packed_and_exact(qt):
     assert _within_rounding(matmul(x, p), x, expected)
     if qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):  # no larger than the file's own blocks, up to scale width
         assert p.nbytes() <= t.data.numel()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 300])
+def test_linears_sharing_an_input_equal_each_alone(rows):
+    """q/k/v and gate/up go through one kernel call; mixed schemes (as in a Q4_K_M file) included."""
+    k = 512
+    layers = [QuantLinear(quantize_int8(torch.randn(40, k))), QuantLinear(quantize_int4(torch.randn(24, k), 64)),
+              QuantLinear(repack(_gguf_blocks(QT.Q6_K, 16, k, seed=3))), QuantLinear(repack(_gguf_blocks(QT.Q4_K, 8, k, seed=4)))]  # fmt: skip
+    x = torch.randn(1, rows, k, generator=torch.Generator().manual_seed(rows))
+    together = linears(x, layers)
+    for layer, got in zip(layers, together):
+        assert got.shape == (1, rows, layer.qweight.shape[0])
+        assert torch.equal(got, layer(x))  # the same rounded activations, the same sums
+        assert _within_rounding(got[0], x[0], dequantize(layer.packed))
 
 
 @pytest.fixture(scope="module")

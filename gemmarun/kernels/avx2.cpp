@@ -209,58 +209,92 @@ void rows(bool extra, const QuantisedRows& x, const float* xg, int64_t m0, int64
   for (; n < t1; ++n) tile<1, MB, Q4>(extra, x, xg, m0, K, q, scales, mins, group, zero, out, N, n);
 }
 
+// One weight matrix of a call: its buffers and scheme, and where its (M, N) result goes.
+struct Weight {
+  const uint8_t* q;
+  const void* scales;
+  const void* mins;
+  bool half, q4;
+  int64_t group, N;
+  float zero;
+  float* out;
+  std::vector<float> xg;  // activation sums per weight group (M, K / group), for the zero and min terms
+};
+
 template <bool Q4, typename S>
-void run(const float* x, int64_t M, int64_t K, const uint8_t* q, const S* scales, const S* mins, int64_t group,
-         float zero, float* out, int64_t N) {
+void weight_rows(const Weight& w, const QuantisedRows& xq, int64_t M, int64_t K, int64_t t0, int64_t t1) {
+  const S* scales = static_cast<const S*>(w.scales);
+  const S* mins = static_cast<const S*>(w.mins);
+  const bool extra = !w.xg.empty();
+  for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+    switch (std::min(ROWS, M - m0)) {  // accumulators: 4, 4, 3, 4
+      case 4: rows<1, 4, Q4>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      case 3: rows<1, 3, Q4>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      case 2: rows<2, 2, Q4>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      default: rows<1, 1, Q4>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+    }
+  }
+}
+
+// Every matrix against the same x, quantised once, in one parallel region: q, k and v (or gate
+// and up) cost one call, one activation rounding and one thread wake-up instead of three.
+void run(const float* x, int64_t M, int64_t K, std::vector<Weight>& ws) {
   QuantisedRows xq = quantise_rows(x, M, K);
-  const bool extra = zero != 0.f || mins;
-  // Activation sums per weight group (M, K / group), for the zero and min terms.
-  const int64_t nb = K / QK, ng = K / group, per = group / QK;
-  std::vector<float> xg(extra ? M * ng : 0, 0.f);
-  for (int64_t i = 0; extra && i < M * nb; ++i) xg[i / per] += xq.s[i];
-  at::parallel_for(0, N, WEIGHT_TILE, [&](int64_t n0, int64_t n1) {
-    for (int64_t t0 = n0; t0 < n1; t0 += WEIGHT_TILE) {
-      int64_t t1 = std::min(t0 + WEIGHT_TILE, n1);
-      for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-        switch (std::min(ROWS, M - m0)) {  // accumulators: 4, 4, 3, 4
-          case 4: rows<1, 4, Q4>(extra, xq, xg.data(), m0, K, q, scales, mins, group, zero, out, N, t0, t1); break;
-          case 3: rows<1, 3, Q4>(extra, xq, xg.data(), m0, K, q, scales, mins, group, zero, out, N, t0, t1); break;
-          case 2: rows<2, 2, Q4>(extra, xq, xg.data(), m0, K, q, scales, mins, group, zero, out, N, t0, t1); break;
-          default: rows<1, 1, Q4>(extra, xq, xg.data(), m0, K, q, scales, mins, group, zero, out, N, t0, t1); break;
-        }
-      }
+  const int64_t nb = K / QK;
+  struct Tile { int64_t w, t0, t1; };
+  std::vector<Tile> tiles;
+  for (int64_t i = 0; i < static_cast<int64_t>(ws.size()); ++i) {
+    Weight& w = ws[i];
+    if (w.zero != 0.f || w.mins) {
+      const int64_t ng = K / w.group, per = w.group / QK;
+      w.xg.assign(M * ng, 0.f);
+      for (int64_t j = 0; j < M * nb; ++j) w.xg[j / per] += xq.s[j];
+    }
+    for (int64_t t0 = 0; t0 < w.N; t0 += WEIGHT_TILE) tiles.push_back({i, t0, std::min(t0 + WEIGHT_TILE, w.N)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      const Weight& w = ws[tiles[t].w];
+      if (w.half && w.q4) weight_rows<true, at::Half>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
+      else if (w.half) weight_rows<false, at::Half>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
+      else if (w.q4) weight_rows<true, float>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
+      else weight_rows<false, float>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
     }
   });
 }
 
 }  // namespace
 
-// x: (M, K) float32; q: (N, K) int8 or (N, K / 2) uint8; scales, mins: (N, K / group); returns (M, N).
-torch::Tensor qlinear(torch::Tensor x, torch::Tensor q, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                      int64_t group, double zero, bool q4) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (M, K)");
-  TORCH_CHECK(q.is_contiguous() && scales.is_contiguous(), "q and scales must be contiguous");
-  int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  bool has_min = mins.has_value() && mins->defined();
-  TORCH_CHECK(K % QK == 0 && K % group == 0, "K must be a multiple of 32 and of the group");
-  TORCH_CHECK(group % QK == 0 || (group == 16 && !q4 && !has_min && zero == 0.0), "group must be a multiple of 32 (or 16 for plain int8)");
-  TORCH_CHECK(q.size(1) == (q4 ? K / 2 : K), "q has the wrong row length");
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == K / group, "scales must be (N, K / group)");
-  auto out = torch::empty({M, N}, x.options());
-  const uint8_t* qp = reinterpret_cast<const uint8_t*>(q.data_ptr());
-  if (has_min) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type(), "mins like scales");
-  float z = static_cast<float>(zero);
-  if (scales.scalar_type() == at::kHalf) {
-    const at::Half* mp = has_min ? mins->data_ptr<at::Half>() : nullptr;
-    if (q4) run<true>(x.data_ptr<float>(), M, K, qp, scales.data_ptr<at::Half>(), mp, group, z, out.data_ptr<float>(), N);
-    else run<false>(x.data_ptr<float>(), M, K, qp, scales.data_ptr<at::Half>(), mp, group, z, out.data_ptr<float>(), N);
-  } else {
-    TORCH_CHECK(scales.scalar_type() == at::kFloat, "scales must be float32 or float16");
-    const float* mp = has_min ? mins->data_ptr<float>() : nullptr;
-    if (q4) run<true>(x.data_ptr<float>(), M, K, qp, scales.data_ptr<float>(), mp, group, z, out.data_ptr<float>(), N);
-    else run<false>(x.data_ptr<float>(), M, K, qp, scales.data_ptr<float>(), mp, group, z, out.data_ptr<float>(), N);
+// x: (..., K) float32; per matrix: q (N, K) int8 or (N, K / 2) uint8, scales and mins (N, K / group),
+// group, zero, q4. Returns one (..., N) float32 result per matrix.
+std::vector<torch::Tensor> qlinear(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> scales,
+                                   std::vector<c10::optional<torch::Tensor>> mins, std::vector<int64_t> groups,
+                                   std::vector<double> zeros, std::vector<bool> q4s) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (..., K)");
+  const size_t n = qs.size();
+  TORCH_CHECK(scales.size() == n && mins.size() == n && groups.size() == n && zeros.size() == n && q4s.size() == n, "one scheme per matrix");
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  std::vector<Weight> ws;
+  std::vector<torch::Tensor> outs;
+  for (size_t i = 0; i < n; ++i) {
+    const torch::Tensor &q = qs[i], &sc = scales[i];
+    const int64_t N = q.size(0), group = groups[i];
+    const bool q4 = q4s[i], has_min = mins[i].has_value() && mins[i]->defined();
+    TORCH_CHECK(q.is_contiguous() && sc.is_contiguous(), "q and scales must be contiguous");
+    TORCH_CHECK(K % QK == 0 && K % group == 0, "K must be a multiple of 32 and of the group");
+    TORCH_CHECK(group % QK == 0 || (group == 16 && !q4 && !has_min && zeros[i] == 0.0), "group must be a multiple of 32 (or 16 for plain int8)");
+    TORCH_CHECK(q.size(1) == (q4 ? K / 2 : K), "q has the wrong row length");
+    TORCH_CHECK(sc.size(0) == N && sc.size(1) == K / group, "scales must be (N, K / group)");
+    TORCH_CHECK(sc.scalar_type() == at::kHalf || sc.scalar_type() == at::kFloat, "scales must be float32 or float16");
+    if (has_min) TORCH_CHECK(mins[i]->sizes() == sc.sizes() && mins[i]->scalar_type() == sc.scalar_type(), "mins like scales");
+    auto shape = x.sizes().vec();
+    shape.back() = N;
+    outs.push_back(torch::empty(shape, x.options()));
+    ws.push_back(Weight{reinterpret_cast<const uint8_t*>(q.data_ptr()), sc.data_ptr(), has_min ? mins[i]->data_ptr() : nullptr,
+                        sc.scalar_type() == at::kHalf, q4, group, N, static_cast<float>(zeros[i]), outs.back().data_ptr<float>(), {}});
   }
-  return out;
+  run(x.data_ptr<float>(), M, K, ws);
+  return outs;
 }
 
 // Gemma's RMSNorm in one pass: x * rsqrt(mean(x^2) + eps) * (1 + w), float32, rows of C values.
@@ -303,7 +337,7 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
                             at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qlinear", &qlinear, "quantised linear, int16 activations (AVX2)");
+  m.def("qlinear", &qlinear, "quantised linears sharing one input, int16 activations (AVX2)");
   m.def("rms_norm", &rms_norm, "Gemma RMSNorm with the (1 + w) scale, float32 (AVX2)");
   m.def("decode_attention", &decode_attention, "one decoding step of attention with rope and cache write, float32");
 }
