@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <atomic>
+
 namespace {
 
 constexpr int64_t QK = 32;       // activation block
@@ -23,6 +25,7 @@ constexpr int64_t WEIGHT_TILE = 16;  // weight rows kept hot in L1/L2 while all 
 // Weights are fetched this many bytes ahead of use: one thread alone keeps too few cache misses in
 // flight to stream (a 262k x 640 int8 GEMV: 10.0 -> 12.6 GB/s at 2 threads, 5.8 -> 7.4 at one).
 constexpr int64_t PREFETCH = 1024;
+constexpr int64_t TILES_TAKEN = 4;  // weight tiles a thread claims at a time
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -252,13 +255,19 @@ void run(const float* x, int64_t M, int64_t K, std::vector<Weight>& ws) {
     }
     for (int64_t t0 = 0; t0 < w.N; t0 += WEIGHT_TILE) tiles.push_back({i, t0, std::min(t0 + WEIGHT_TILE, w.N)});
   }
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t a, int64_t b) {
-    for (int64_t t = a; t < b; ++t) {
-      const Weight& w = ws[tiles[t].w];
-      if (w.half && w.q4) weight_rows<true, at::Half>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
-      else if (w.half) weight_rows<false, at::Half>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
-      else if (w.q4) weight_rows<true, float>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
-      else weight_rows<false, float>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
+  // Threads take tiles from a shared counter rather than fixed halves: a thread that starts late
+  // or streams slower would otherwise leave the other waiting at the end of every call.
+  std::atomic<int64_t> next{0};
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t t0; (t0 = next.fetch_add(TILES_TAKEN)) < ntiles;) {
+      for (int64_t t = t0; t < std::min(t0 + TILES_TAKEN, ntiles); ++t) {
+        const Weight& w = ws[tiles[t].w];
+        if (w.half && w.q4) weight_rows<true, at::Half>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
+        else if (w.half) weight_rows<false, at::Half>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
+        else if (w.q4) weight_rows<true, float>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
+        else weight_rows<false, float>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
+      }
     }
   });
 }
