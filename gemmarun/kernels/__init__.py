@@ -1,4 +1,4 @@
-"""The AVX2 kernels (quantised matmul, RMSNorm, decode attention), compiled once on first use and cached; None where unavailable."""
+"""The AVX2 kernels (quantised matmul, decode attention, RMSNorm, GeGLU), compiled once on first use and cached; None where unavailable."""
 from __future__ import annotations
 
 import hashlib
@@ -10,14 +10,16 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("avx2.cpp", "attention.cpp")]  # the first holds the bindings
+HERE = Path(__file__).parent
+SOURCES = [HERE / n for n in ("bindings.cpp", "qlinear.cpp", "attention.cpp", "elementwise.cpp")]
+HEADERS = [HERE / "simd.h"]
 
 
 def _build_dir() -> Path:
     from ..default_model import cache_dir
 
     # One folder per torch version and source, so an upgrade never loads a stale binary.
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS)).hexdigest()[:12]
     tag = f"torch{torch.__version__.replace('+', '_')}-{digest}"
     d = cache_dir() / "kernels" / tag
     d.mkdir(parents=True, exist_ok=True)
@@ -36,7 +38,7 @@ def _module():
 
         build = _build_dir()
         if not list(build.glob("*.so")):
-            print("gemmarun: compiling the AVX2 kernel (once, about a minute)", file=sys.stderr, flush=True)
+            print("gemmarun: compiling the AVX2 kernels (once, about a minute)", file=sys.stderr, flush=True)
         module = load(
             name="gemmarun_avx2",
             sources=[str(s) for s in SOURCES],
@@ -54,13 +56,13 @@ def _module():
 
 
 def qlinear_kernel():
-    """qlinear(x, q, scales, mins, group, zero, q4) -> x @ W.T (see avx2.cpp), or None."""
+    """qlinear(x, [q], [scales], [mins], [group], [zero], [q4]) -> [x @ W.T] (see qlinear.cpp), or None."""
     m = _module()
     return m.qlinear if m is not None else None
 
 
 def rms_norm_kernel():
-    """rms_norm(x, w, eps) -> x * rsqrt(mean(x^2) + eps) * (1 + w) in float32, or None."""
+    """rms_norm(x, w, eps, residual=None) -> [residual +] x * rsqrt(mean(x^2) + eps) * (1 + w) in float32, or None."""
     m = _module()
     return m.rms_norm if m is not None else None
 
@@ -69,3 +71,9 @@ def attention_kernel():
     """decode_attention(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap) -> (B, H * D), or None."""
     m = _module()
     return m.decode_attention if m is not None else None
+
+
+def geglu_kernel():
+    """geglu(gate, up) -> gelu_tanh(gate) * up in float32, or None."""
+    m = _module()
+    return m.geglu if m is not None else None

@@ -11,11 +11,13 @@
 //     in its high nibble (ggml's Q4_0 order), which unpacks with one mask and one shift.
 // group: a multiple of 32, or 16 without mins or zero (Q6_K's sub-blocks).
 // Scales and mins are float32 or float16 (N, K / group).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <atomic>
+
+#include "simd.h"
 
 namespace {
 
@@ -26,14 +28,6 @@ constexpr int64_t WEIGHT_TILE = 16;  // weight rows kept hot in L1/L2 while all 
 // flight to stream (a 262k x 640 int8 GEMV: 10.0 -> 12.6 GB/s at 2 threads, 5.8 -> 7.4 at one).
 constexpr int64_t PREFETCH = 1024;
 constexpr int64_t TILES_TAKEN = 4;  // weight tiles a thread claims at a time
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 inline int hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -119,7 +113,7 @@ inline float offset_dot(const S* scales, const S* mins, float zero, const float*
     off = mins ? _mm256_sub_ps(load8(mins + g), off) : _mm256_sub_ps(_mm256_setzero_ps(), off);
     acc = _mm256_fmadd_ps(off, _mm256_loadu_ps(xg + g), acc);
   }
-  float s = hsum(acc);
+  float s = hsum8(acc);
   for (; g < ng; ++g) s += ((mins ? load_scale(mins, g) : 0.f) - load_scale(scales, g) * zero) * xg[g];
   return s;
 }
@@ -193,7 +187,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
     for (int r = 0; r < NR; ++r)
       for (int i = 0; i < MB; ++i) extra[r][i] = offset_dot(sc + r * ng, mins ? mins + (n0 + r) * ng : nullptr, zero, xg + (m0 + i) * ng, ng);
   for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MB; ++i) out[(m0 + i) * N + n0 + r] = hsum(acc[r][i]) + extra[r][i];
+    for (int i = 0; i < MB; ++i) out[(m0 + i) * N + n0 + r] = hsum8(acc[r][i]) + extra[r][i];
 }
 
 template <int NR, int MB, bool Q4, typename S>
@@ -276,17 +270,17 @@ void run(const float* x, int64_t M, int64_t K, std::vector<Weight>& ws) {
 
 // x: (..., K) float32; per matrix: q (N, K) int8 or (N, K / 2) uint8, scales and mins (N, K / group),
 // group, zero, q4. Returns one (..., N) float32 result per matrix.
-std::vector<torch::Tensor> qlinear(torch::Tensor x, std::vector<torch::Tensor> qs, std::vector<torch::Tensor> scales,
-                                   std::vector<c10::optional<torch::Tensor>> mins, std::vector<int64_t> groups,
+std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::vector<at::Tensor> scales,
+                                   std::vector<c10::optional<at::Tensor>> mins, std::vector<int64_t> groups,
                                    std::vector<double> zeros, std::vector<bool> q4s) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (..., K)");
   const size_t n = qs.size();
   TORCH_CHECK(scales.size() == n && mins.size() == n && groups.size() == n && zeros.size() == n && q4s.size() == n, "one scheme per matrix");
   const int64_t K = x.size(-1), M = x.numel() / K;
   std::vector<Weight> ws;
-  std::vector<torch::Tensor> outs;
+  std::vector<at::Tensor> outs;
   for (size_t i = 0; i < n; ++i) {
-    const torch::Tensor &q = qs[i], &sc = scales[i];
+    const at::Tensor &q = qs[i], &sc = scales[i];
     const int64_t N = q.size(0), group = groups[i];
     const bool q4 = q4s[i], has_min = mins[i].has_value() && mins[i]->defined();
     TORCH_CHECK(q.is_contiguous() && sc.is_contiguous(), "q and scales must be contiguous");
@@ -298,7 +292,7 @@ std::vector<torch::Tensor> qlinear(torch::Tensor x, std::vector<torch::Tensor> q
     if (has_min) TORCH_CHECK(mins[i]->sizes() == sc.sizes() && mins[i]->scalar_type() == sc.scalar_type(), "mins like scales");
     auto shape = x.sizes().vec();
     shape.back() = N;
-    outs.push_back(torch::empty(shape, x.options()));
+    outs.push_back(at::empty(shape, x.options()));
     ws.push_back(Weight{reinterpret_cast<const uint8_t*>(q.data_ptr()), sc.data_ptr(), has_min ? mins[i]->data_ptr() : nullptr,
                         sc.scalar_type() == at::kHalf, q4, group, N, static_cast<float>(zeros[i]), outs.back().data_ptr<float>(), {}});
   }
@@ -306,47 +300,3 @@ std::vector<torch::Tensor> qlinear(torch::Tensor x, std::vector<torch::Tensor> q
   return outs;
 }
 
-// Gemma's RMSNorm in one pass: x * rsqrt(mean(x^2) + eps) * (1 + w), float32, rows of C values.
-// Decoding calls it about 110 times a token on the 270M; as separate torch ops it cost ~40 us a call.
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32");
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 1, "w must be a float32 vector");
-  const int64_t C = w.size(0);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == C, "the last dimension of x must match w");
-  auto out = torch::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float e = static_cast<float>(eps);
-  at::parallel_for(0, x.numel() / C, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * C;
-      float* orow = op + r * C;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t c = 0;
-      for (; c + 8 <= C; c += 8) {
-        __m256 v = _mm256_loadu_ps(xr + c);
-        acc = _mm256_fmadd_ps(v, v, acc);
-      }
-      float ss = hsum(acc);
-      for (; c < C; ++c) ss += xr[c] * xr[c];
-      const float inv = 1.f / std::sqrt(ss / static_cast<float>(C) + e);
-      const __m256 vinv = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.f);
-      for (c = 0; c + 8 <= C; c += 8)
-        _mm256_storeu_ps(orow + c, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + c), vinv),
-                                                  _mm256_add_ps(one, _mm256_loadu_ps(wp + c))));
-      for (; c < C; ++c) orow[c] = xr[c] * inv * (1.f + wp[c]);
-    }
-  });
-  return out;
-}
-
-// attention.cpp
-at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kc, at::Tensor vc, at::Tensor slots,
-                            at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qlinear", &qlinear, "quantised linears sharing one input, int16 activations (AVX2)");
-  m.def("rms_norm", &rms_norm, "Gemma RMSNorm with the (1 + w) scale, float32 (AVX2)");
-  m.def("decode_attention", &decode_attention, "one decoding step of attention with rope and cache write, float32");
-}
