@@ -160,6 +160,35 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
         }
       }
     }
+  } else if (NR * MB == 1) {
+    // One row: two blocks a step, one per accumulator, with no per-block branch (the general loop
+    // below ran a 128 x 640 group-32 matrix in L2 at half this speed). A scale per block (group
+    // 32, most GGUF types) or per `per` blocks.
+    const int64_t per = group / QK;
+    auto block = [&](int64_t b) {
+      __m256i x0[1], x1[1], w0, w1;
+      load_x<1>(xq, K, b, x0, x1);
+      load_block<Q4>(w, b, w0, w1);
+      return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0[0]), _mm256_madd_epi16(w1, x1[0])));
+    };
+    int64_t b = 0;
+    if (per == 1) {
+      for (; b + 2 <= nb; b += 2) {
+        acc[0][0] = _mm256_fmadd_ps(block(b), _mm256_set1_ps(load_scale(sc, b) * xd[b]), acc[0][0]);
+        odd = _mm256_fmadd_ps(block(b + 1), _mm256_set1_ps(load_scale(sc, b + 1) * xd[b + 1]), odd);
+      }
+      if (b < nb) acc[0][0] = _mm256_fmadd_ps(block(b), _mm256_set1_ps(load_scale(sc, b) * xd[b]), acc[0][0]);
+    } else {
+      for (int64_t g = 0; g < ng; ++g) {
+        const float scale = load_scale(sc, g);
+        const int64_t end = b + per;
+        for (; b + 2 <= end; b += 2) {
+          acc[0][0] = _mm256_fmadd_ps(block(b), _mm256_set1_ps(scale * xd[b]), acc[0][0]);
+          odd = _mm256_fmadd_ps(block(b + 1), _mm256_set1_ps(scale * xd[b + 1]), odd);
+        }
+        if (b < end) acc[0][0] = _mm256_fmadd_ps(block(b), _mm256_set1_ps(scale * xd[b]), acc[0][0]), ++b;
+      }
+    }
   } else {
     const int64_t per = group / QK;
     for (int64_t g = 0, b = 0; g < ng; ++g) {
@@ -175,8 +204,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
             // |w| <= 255 and |x| <= 32767: each int32 lane sums four products, far from overflow.
             __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0[i]), _mm256_madd_epi16(w1, x1[i]));
             __m256 f = _mm256_mul_ps(ws[r], _mm256_set1_ps(xd[i * nb + b]));
-            if (NR * MB == 1 && (b & 1)) odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, odd);
-            else acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[r][i]);
+            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[r][i]);
           }
         }
       }
