@@ -13,8 +13,8 @@ from torch import nn
 
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
-from .kernels import attention_kernel, geglu_kernel, rms_norm_kernel
-from .quant import linears
+from .kernels import attention_kernel, decode_stack_class, geglu_kernel, rms_norm_kernel
+from .quant import QuantLinear, linears
 
 
 class RMSNorm(nn.Module):
@@ -183,6 +183,36 @@ class Gemma(nn.Module):
         self.model = Backbone(config)
         self.rope_global = Rope(config.head_dim, config.rope_theta, config.rope_scaling_factor)
         self.rope_local = Rope(config.head_dim, config.rope_local_theta)
+        self._stack = None  # the C++ decode loop over the layers, built on the first decoding step
+
+    def _apply(self, fn, recurse=True):
+        self._stack = None  # it holds the weight tensors, which .to() and friends replace
+        return super()._apply(fn, recurse)
+
+    def decode_stack(self):
+        """Every layer of a one-token step in one C++ call, when all matrices are quantised for the
+        kernel and activations are float32 on CPU; False otherwise (the layers run as modules)."""
+        if self._stack is None:
+            cls = decode_stack_class()
+            layers = self.model.layers
+            ok = cls is not None and self.dtype == torch.float32 and self.device.type == "cpu"
+            ok = ok and all(isinstance(m, QuantLinear) and m.fits for m in layers.modules() if isinstance(m, (nn.Linear, QuantLinear)))
+            self._stack = cls([self._layer_spec(layer) for layer in layers], self.config.rms_norm_eps) if ok else False
+        return self._stack
+
+    @staticmethod
+    def _layer_spec(layer: "Block") -> dict:
+        a, mlp = layer.self_attn, layer.mlp
+        return {
+            "input_norm": layer.input_layernorm.weight.float(), "post_attention_norm": layer.post_attention_layernorm.weight.float(),
+            "pre_feedforward_norm": layer.pre_feedforward_layernorm.weight.float(),
+            "post_feedforward_norm": layer.post_feedforward_layernorm.weight.float(),
+            "q_norm": a.q_norm.weight.float() if a.qk_norm else None, "k_norm": a.k_norm.weight.float() if a.qk_norm else None,
+            "qkv": [m.kernel_args for m in (a.q_proj, a.k_proj, a.v_proj)], "o": [a.o_proj.kernel_args],
+            "gate_up": [m.kernel_args for m in (mlp.gate_proj, mlp.up_proj)], "down": [mlp.down_proj.kernel_args],
+            "sliding": a.sliding, "heads": a.n_heads, "kv_heads": a.n_kv, "head_dim": a.head_dim,
+            "scale": a.scale, "softcap": a.softcap or 0.0,
+        }  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:
@@ -212,11 +242,18 @@ class Gemma(nn.Module):
         plans = cache.plan(positions) if cache is not None else plan_without_cache(cfg, positions)
         cos_g, sin_g = self.rope_global.cos_sin(positions, dtype)
         cos_l, sin_l = self.rope_local.cos_sin(positions, dtype)
-        for layer in self.model.layers:
-            if layer.self_attn.sliding:
-                x = layer(x, cos_l, sin_l, plans["sliding"], cache)
-            else:
-                x = layer(x, cos_g, sin_g, plans["global"], cache)
+        b, t = tokens.shape
+        if t == 1 and cache is not None and not plans["sliding"].concat and self.decode_stack():
+            g, s = plans["global"], plans["sliding"]
+            x = self._stack.forward(x.view(b, -1), cache.k, cache.v, cos_g.view(b, -1), sin_g.view(b, -1), g.slots.view(b),
+                                    g.mask.view(b, -1), cos_l.view(b, -1), sin_l.view(b, -1), s.slots.view(b), s.mask.view(b, -1))
+            x = x.view(b, 1, -1)
+        else:
+            for layer in self.model.layers:
+                if layer.self_attn.sliding:
+                    x = layer(x, cos_l, sin_l, plans["sliding"], cache)
+                else:
+                    x = layer(x, cos_g, sin_g, plans["global"], cache)
         if select is not None:
             x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (B, 1, C)
         x = self.model.norm(x)

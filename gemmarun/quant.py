@@ -128,12 +128,10 @@ def linears(x: torch.Tensor, layers) -> list[torch.Tensor]:
     When all are quantised and the kernel takes them, one call rounds x once and runs every
     matrix in one parallel region; otherwise each layer runs on its own."""
     kernel = qlinear_kernel()
-    rows = x.numel() // x.shape[-1]
-    if (kernel is None or x.dtype != torch.float32 or x.device.type != "cpu" or rows > KERNEL_MAX_ROWS
+    if (kernel is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * x.shape[-1]
             or not all(isinstance(m, QuantLinear) and m.fits for m in layers)):  # fmt: skip
         return [m(x) for m in layers]
-    return kernel(x.contiguous(), [m.qweight for m in layers], [m.scales for m in layers], [m.mins for m in layers],
-                  [m.group for m in layers], [m.zero for m in layers], [m.bits == 4 for m in layers])  # fmt: skip
+    return kernel(x.contiguous(), *zip(*(m.kernel_args for m in layers)))
 
 
 class _QuantWeight(nn.Module):
@@ -146,6 +144,19 @@ class _QuantWeight(nn.Module):
         self.register_buffer("mins", p.mins)
         self.group, self.zero, self.bits = p.group, p.zero, p.bits
         self.fits = kernel_fits(p)
+        self._args = None
+
+    def _apply(self, fn, recurse=True):
+        self._args = None  # .to() and friends replace the buffers
+        return super()._apply(fn, recurse)
+
+    @property
+    def kernel_args(self) -> tuple:
+        """(q, scales, mins, group, zero, q4) as the kernel takes them, kept in a plain attribute:
+        reading buffers goes through nn.Module.__getattr__, ~1 us each, ~700 reads a decoded token."""
+        if self._args is None:
+            self._args = (self.qweight, self.scales, self.mins, self.group, self.zero, self.bits == 4)
+        return self._args
 
     @property
     def packed(self) -> Packed:
@@ -156,8 +167,8 @@ class _QuantWeight(nn.Module):
                 "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}  # fmt: skip
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        # The buffers passed directly: decoding calls this ~130 times a token.
-        return _matmul(x, self.qweight, self.scales, self.mins, self.group, self.zero, self.bits, self.fits)
+        q, scales, mins, group, zero, q4 = self.kernel_args
+        return _matmul(x, q, scales, mins, group, zero, 4 if q4 else 8, self.fits)
 
 
 class QuantLinear(_QuantWeight):

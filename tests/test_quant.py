@@ -13,6 +13,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 import gemmarun
+from gemmarun.cache import KVCache
 from gemmarun.kernels import qlinear_kernel
 from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, quantize_int4,
                             quantize_int8, unpack_nibbles)
@@ -119,6 +120,29 @@ def test_int8_generation_follows_fp32_greedy(folder):
     fp32 = gemmarun.load(folder).generate("Once upon a time", max_new_tokens=8, ignore_eos=True)
     int8 = gemmarun.load(folder, quantize="int8").generate("Once upon a time", max_new_tokens=8, ignore_eos=True)
     assert int8.token_ids[:4] == fp32.token_ids[:4]
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_decode_stack_equals_layer_by_layer(kind, tmp_path):
+    """The C++ loop over the layers of a decoding step against the same layers run as modules:
+    past the sliding window, with a padding row beside a live one."""
+    folder = save_checkpoint(make_reference(kind, seed=5, initializer_range=0.05), tmp_path)
+    model = gemmarun.load(folder, quantize="int8").model
+    if not model.decode_stack():
+        pytest.skip("no kernels on this machine: decoding runs layer by layer")
+    ids = torch.randint(3, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
+    caches = [KVCache(model.config, 2, 40, torch.float32) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids[:, :4], torch.arange(4).expand(2, 4), cache)
+        for t in range(4, 40):
+            pos = torch.tensor([[t], [t if t < 20 else -1]])  # row 1 becomes padding half way
+            fast = model(ids[:, t : t + 1], pos, caches[0], select=torch.zeros(2, dtype=torch.long))
+            stack, model._stack = model._stack, False
+            slow = model(ids[:, t : t + 1], pos, caches[1], select=torch.zeros(2, dtype=torch.long))
+            model._stack = stack
+            live = 2 if t < 20 else 1
+            assert (fast[:live] - slow[:live]).abs().max().item() < 1e-4, f"step {t}"
 
 
 def test_int4_logits_close_to_fp32(folder):

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("bindings.cpp", "qlinear.cpp", "attention.cpp", "elementwise.cpp")]
-HEADERS = [HERE / "simd.h"]
+SOURCES = [HERE / n for n in ("bindings.cpp", "qlinear.cpp", "attention.cpp", "elementwise.cpp", "decode.cpp")]
+HEADERS = [HERE / n for n in ("simd.h", "kernels.h")]
 
 
 def _build_dir() -> Path:
@@ -77,3 +77,9 @@ def geglu_kernel():
     """geglu(gate, up) -> gelu_tanh(gate) * up in float32, or None."""
     m = _module()
     return m.geglu if m is not None else None
+
+
+def decode_stack_class():
+    """DecodeStack(layers, eps): every decoder layer of a decoding step in one call (see decode.cpp), or None."""
+    m = _module()
+    return m.DecodeStack if m is not None else None

@@ -1,23 +1,60 @@
 // The Python module: the one translation unit that includes pybind11 (slow to compile).
 #include <torch/extension.h>
 
-#include <vector>
+#include "kernels.h"
 
-// qlinear.cpp
-std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::vector<at::Tensor> scales,
-                                std::vector<c10::optional<at::Tensor>> mins, std::vector<int64_t> groups,
-                                std::vector<double> zeros, std::vector<bool> q4s);
-// attention.cpp
-at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kc, at::Tensor vc, at::Tensor slots,
-                            at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap);
-// elementwise.cpp
-at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps, c10::optional<at::Tensor> residual);
-at::Tensor geglu(at::Tensor gate, at::Tensor up);
+namespace py = pybind11;
+
+namespace {
+
+QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, q4), ...]
+  QuantMatrices m;
+  for (auto a : args) {
+    auto t = a.cast<py::tuple>();
+    m.q.push_back(t[0].cast<at::Tensor>());
+    m.scales.push_back(t[1].cast<at::Tensor>());
+    m.mins.push_back(t[2].cast<c10::optional<at::Tensor>>());
+    m.groups.push_back(t[3].cast<int64_t>());
+    m.zeros.push_back(t[4].cast<double>());
+    m.q4.push_back(t[5].cast<bool>());
+  }
+  return m;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "quantised linears sharing one input, int16 activations (AVX2)");
   m.def("decode_attention", &decode_attention, "one decoding step of attention with rope and cache write, float32");
   m.def("rms_norm", &rms_norm, "Gemma RMSNorm with the (1 + w) scale, plus an optional residual, float32 (AVX2)",
-        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("eps"), pybind11::arg("residual") = pybind11::none());
+        py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("geglu", &geglu, "gelu_tanh(gate) * up, float32 (AVX2)");
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init([](py::list layers, double eps) {
+             std::vector<DecodeLayer> ls;
+             for (auto item : layers) {
+               auto d = item.cast<py::dict>();
+               DecodeLayer L;
+               L.input_norm = d["input_norm"].cast<at::Tensor>();
+               L.post_attention_norm = d["post_attention_norm"].cast<at::Tensor>();
+               L.pre_feedforward_norm = d["pre_feedforward_norm"].cast<at::Tensor>();
+               L.post_feedforward_norm = d["post_feedforward_norm"].cast<at::Tensor>();
+               L.q_norm = d["q_norm"].cast<c10::optional<at::Tensor>>();
+               L.k_norm = d["k_norm"].cast<c10::optional<at::Tensor>>();
+               L.qkv = matrices(d["qkv"]);
+               L.o = matrices(d["o"]);
+               L.gate_up = matrices(d["gate_up"]);
+               L.down = matrices(d["down"]);
+               L.sliding = d["sliding"].cast<bool>();
+               L.heads = d["heads"].cast<int64_t>();
+               L.kv_heads = d["kv_heads"].cast<int64_t>();
+               L.head_dim = d["head_dim"].cast<int64_t>();
+               L.scale = d["scale"].cast<double>();
+               L.softcap = d["softcap"].cast<double>();
+               ls.push_back(std::move(L));
+             }
+             return DecodeStack(std::move(ls), eps);
+           }),
+           "layers: one dict of weights and shapes per decoder layer (see gemmarun/model.py)")
+      .def("forward", &DecodeStack::forward, "every layer for one token per row");
 }

@@ -17,6 +17,7 @@
 
 #include <atomic>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {

@@ -1,0 +1,48 @@
+// The kernels' tensor API, shared by the bindings and the decode loop.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+// qlinear.cpp: x (..., K) against each quantised matrix; one (..., N) result per matrix.
+std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::vector<at::Tensor> scales,
+                                std::vector<c10::optional<at::Tensor>> mins, std::vector<int64_t> groups,
+                                std::vector<double> zeros, std::vector<bool> q4s);
+// attention.cpp: one decoding step of attention, with rope and the cache write.
+at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kc, at::Tensor vc, at::Tensor slots,
+                            at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap);
+// elementwise.cpp
+at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps, c10::optional<at::Tensor> residual);
+at::Tensor geglu(at::Tensor gate, at::Tensor up);
+
+// decode.cpp: a stack of decoder layers run for one token per row, with no Python between layers.
+struct QuantMatrices {  // the kernel arguments of matrices that share an input
+  std::vector<at::Tensor> q, scales;
+  std::vector<c10::optional<at::Tensor>> mins;
+  std::vector<int64_t> groups;
+  std::vector<double> zeros;
+  std::vector<bool> q4;
+};
+
+struct DecodeLayer {
+  at::Tensor input_norm, post_attention_norm, pre_feedforward_norm, post_feedforward_norm;
+  c10::optional<at::Tensor> q_norm, k_norm;  // Gemma 3
+  QuantMatrices qkv, o, gate_up, down;
+  bool sliding;
+  int64_t heads, kv_heads, head_dim;
+  double scale, softcap;  // softcap 0: none
+};
+
+class DecodeStack {
+ public:
+  DecodeStack(std::vector<DecodeLayer> layers, double eps) : layers_(std::move(layers)), eps_(eps) {}
+  // x (B, C) after the embedding; per layer kind ("g" global, "l" sliding) the rope tables (B, D),
+  // the write slots (B,) and the visible keys (B, E). Returns x (B, C) after the last layer.
+  at::Tensor forward(at::Tensor x, std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache, at::Tensor cos_g,
+                     at::Tensor sin_g, at::Tensor slots_g, at::Tensor mask_g, at::Tensor cos_l, at::Tensor sin_l,
+                     at::Tensor slots_l, at::Tensor mask_l) const;
+
+ private:
+  std::vector<DecodeLayer> layers_;
+  double eps_;
+};
