@@ -8,7 +8,7 @@
 //
 // q8: q is int8, row-major (N, K).
 // q4: q is 4-bit, 16 bytes per 32 values: byte j holds value j in its low nibble and value j + 16
-//     in its high nibble (ggml's Q4_0 order), which unpacks with one mask and one shift.
+//     in its high nibble (ggml's Q4_0 order).
 // group: a multiple of 32, or 16 without mins or zero (Q6_K's sub-blocks).
 // Scales and mins are float32 or float16 (N, K / group).
 #include <ATen/ATen.h>
@@ -72,10 +72,16 @@ QuantisedRows quantise_rows(const float* x, int64_t M, int64_t K) {
         i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       int sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3])));
       // packs works within 128-bit lanes; 0xD8 puts the four 64-bit quarters back in order.
-      __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[0], i[1]), 0xD8);
-      __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2], i[3]), 0xD8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + b * QK), lo);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + b * QK + 16), hi);
+      alignas(32) int16_t vals[QK];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(vals), _mm256_permute4x64_epi64(_mm256_packs_epi32(i[0], i[1]), 0xD8));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(vals + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2], i[3]), 0xD8));
+      int16_t* dst = r.q.data() + b * QK;  // the order load_block unpacks weights in (see there)
+      for (int j = 0; j < 8; ++j) {
+        dst[j] = vals[2 * j];
+        dst[8 + j] = vals[16 + 2 * j];
+        dst[16 + j] = vals[2 * j + 1];
+        dst[24 + j] = vals[17 + 2 * j];
+      }
       float d = a / 32767.f;
       r.d[b] = d;
       r.s[b] = d * static_cast<float>(sum);
@@ -84,20 +90,25 @@ QuantisedRows quantise_rows(const float* x, int64_t M, int64_t K) {
   return r;
 }
 
-// 32 weights widened to int16: values 0-15 in w0, 16-31 in w1.
+// 32 weights widened to int16 without crossing 128-bit lanes: w0 holds values 0, 2, .., 14 then
+// 16, 18, .., 30, and w1 the odd ones, the order quantise_rows stores activations in. Both lanes
+// of a register then hold the values of one half block (which Q6_K's two scales need). A 16-bit
+// word of the weights holds two consecutive int8 values, or four 4-bit ones (values 2j, 2j + 16,
+// 2j + 1, 2j + 17 from the low nibble up): shifts and a mask pick each out in place, where
+// sign- or zero-extending half a register (vpmovsxbw) is a lane-crossing instruction.
 template <bool Q4>
 inline void load_block(const uint8_t* wrow, int64_t b, __m256i& w0, __m256i& w1) {
   constexpr int64_t bytes = Q4 ? QK / 2 : QK;
   if ((b * bytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wrow + b * bytes + PREFETCH), _MM_HINT_T0);
   if (Q4) {
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + b * QK / 2));
-    w0 = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, low4));
-    w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+    const __m256i nibble = _mm256_set1_epi16(0x000F);
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + b * QK / 2)));
+    w0 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), nibble);
+    w1 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(8, 8, 12, 12)), nibble);
   } else {
-    __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + b * QK));
-    w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes));
-    w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1));
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + b * QK));
+    w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+    w1 = _mm256_srai_epi16(v, 8);
   }
 }
 
@@ -119,7 +130,7 @@ inline float offset_dot(const S* scales, const S* mins, float zero, const float*
   return s;
 }
 
-// Block b of MB activation rows: values 0-15 in x0, 16-31 in x1.
+// Block b of MB activation rows, in load_block's order: the even values in x0, the odd ones in x1.
 template <int MB>
 inline void load_x(const int16_t* xq, int64_t K, int64_t b, __m256i* x0, __m256i* x1) {
   for (int i = 0; i < MB; ++i) {
@@ -153,11 +164,11 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
       for (int r = 0; r < NR; ++r) {
         __m256i w0, w1;
         load_block<Q4>(w + r * row_bytes, b, w0, w1);
-        __m256 s0 = _mm256_set1_ps(load_scale(sc, r * ng + 2 * b)), s1 = _mm256_set1_ps(load_scale(sc, r * ng + 2 * b + 1));
+        // the low lane sums values 0-15 (first scale), the high lane 16-31 (second scale)
+        const __m256 s = _mm256_setr_m128(_mm_set1_ps(load_scale(sc, r * ng + 2 * b)), _mm_set1_ps(load_scale(sc, r * ng + 2 * b + 1)));
         for (int i = 0; i < MB; ++i) {
-          __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w1, x1[i])), s1,
-                                     _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w0, x0[i])), s0));
-          acc[r][i] = _mm256_fmadd_ps(p, _mm256_set1_ps(xd[i * nb + b]), acc[r][i]);
+          __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0[i]), _mm256_madd_epi16(w1, x1[i]));
+          acc[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), s), _mm256_set1_ps(xd[i * nb + b]), acc[r][i]);
         }
       }
     }
