@@ -68,8 +68,6 @@ def run_gemmarun(spec: dict) -> Measurement:
     t = time.perf_counter()
     lm = gemmarun.load(spec["model"], dtype=spec.get("dtype"), quantize=spec.get("quantize"), context=spec["context"])
     load_s = time.perf_counter() - t
-    if spec.get("compile"):
-        lm.model.forward = torch.compile(lm.model.forward, dynamic=True)
     vocab = lm.config.vocab_size
     long = _ids(spec["prefill"], vocab, 1)
     lm.generate(long[:16], max_new_tokens=2, ignore_eos=True)  # warm up the kernels and caches
