@@ -14,7 +14,7 @@ from torch import nn
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
 from .kernels import attention_kernel, decode_stack_class, geglu_kernel, rms_norm_kernel
-from .quant import QuantLinear, linears
+from .quant import QuantLinear, linears, on_kernel
 
 
 class RMSNorm(nn.Module):
@@ -217,7 +217,7 @@ class Gemma(nn.Module):
             cls = decode_stack_class()
             layers = self.model.layers
             ok = cls is not None and self.dtype == torch.float32 and self.device.type == "cpu"
-            ok = ok and all(isinstance(m, QuantLinear) and m.fits for m in layers.modules() if isinstance(m, (nn.Linear, QuantLinear)))
+            ok = ok and all(on_kernel(m) for m in layers.modules() if isinstance(m, (nn.Linear, QuantLinear)))
             self._stack = cls([self._layer_spec(layer) for layer in layers], self.config.rms_norm_eps) if ok else False
         return self._stack
 

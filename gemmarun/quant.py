@@ -102,19 +102,19 @@ def kernel_fits(p: Packed) -> bool:
 
 def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
     """x (..., K) @ W.T -> (..., N), float32 accumulation, result in x's dtype."""
-    return _matmul(x, p.q, p.scales, p.mins, p.group, p.zero, p.bits, kernel_fits(p))
+    return _matmul(x, p.q, p.scales, p.mins, p.group, p.zero, p.bits == 4, kernel_fits(p))
 
 
-def _matmul(x, q, scales, mins, group: int, zero: float, bits: int, fits: bool) -> torch.Tensor:
+def _matmul(x, q, scales, mins, group: int, zero: float, q4: bool, fits: bool) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     kernel = qlinear_kernel() if fits and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" else None
     if kernel is not None:
-        out = kernel(x2, [q], [scales], [mins], [group], [zero], [bits == 4])[0]
+        out = kernel(x2, [q], [scales], [mins], [group], [zero], [q4])[0]
     else:
-        p = Packed(q, scales, mins, group, zero, bits)
+        p = Packed(q, scales, mins, group, zero, 4 if q4 else 8)
         n = q.shape[0]
         out = torch.empty(x2.shape[0], n, device=x.device)
         for r in range(0, n, DENSE_TILE):
@@ -130,9 +130,14 @@ def linears(x: torch.Tensor, layers) -> list[torch.Tensor]:
     matrix in one parallel region; otherwise each layer runs on its own."""
     kernel = qlinear_kernel()
     if (kernel is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * x.shape[-1]
-            or not all(isinstance(m, QuantLinear) and m.fits for m in layers)):  # fmt: skip
+            or not all(on_kernel(m) for m in layers)):  # fmt: skip
         return [m(x) for m in layers]
     return kernel(x.contiguous(), *zip(*(m.kernel_args for m in layers)))
+
+
+def on_kernel(layer: nn.Module) -> bool:
+    """Whether a linear layer's products can run in the kernel (a packed matrix it takes)."""
+    return isinstance(layer, QuantLinear) and layer.fits
 
 
 class _QuantWeight(nn.Module):
@@ -168,8 +173,7 @@ class _QuantWeight(nn.Module):
                 "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}  # fmt: skip
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        q, scales, mins, group, zero, q4 = self.kernel_args
-        return _matmul(x, q, scales, mins, group, zero, 4 if q4 else 8, self.fits)
+        return _matmul(x, *self.kernel_args, self.fits)
 
 
 class QuantLinear(_QuantWeight):

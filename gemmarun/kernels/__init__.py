@@ -55,31 +55,31 @@ def _module():
     return module
 
 
+def _entry(name: str):
+    m = _module()
+    return getattr(m, name) if m is not None else None
+
+
 def qlinear_kernel():
     """qlinear(x, [q], [scales], [mins], [group], [zero], [q4]) -> [x @ W.T] (see qlinear.cpp), or None."""
-    m = _module()
-    return m.qlinear if m is not None else None
+    return _entry("qlinear")
 
 
 def rms_norm_kernel():
     """rms_norm(x, w, eps, residual=None) -> [residual +] x * rsqrt(mean(x^2) + eps) * (1 + w) in float32, or None."""
-    m = _module()
-    return m.rms_norm if m is not None else None
+    return _entry("rms_norm")
 
 
 def attention_kernel():
     """decode_attention(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap) -> (B, H * D), or None."""
-    m = _module()
-    return m.decode_attention if m is not None else None
+    return _entry("decode_attention")
 
 
 def geglu_kernel():
     """geglu(gate, up) -> gelu_tanh(gate) * up in float32, or None."""
-    m = _module()
-    return m.geglu if m is not None else None
+    return _entry("geglu")
 
 
 def decode_stack_class():
     """DecodeStack(layers, eps): every decoder layer of a decoding step in one call (see decode.cpp), or None."""
-    m = _module()
-    return m.DecodeStack if m is not None else None
+    return _entry("DecodeStack")

@@ -130,6 +130,12 @@ inline float offset_dot(const S* scales, const S* mins, float zero, const float*
   return s;
 }
 
+// The int32 sums of one block of 32 weight-activation products (eight lanes of four).
+inline __m256i block_dot(__m256i w0, __m256i w1, __m256i x0, __m256i x1) {
+  // |w| <= 255 and |x| <= 32767: each int32 lane sums four products, far from overflow.
+  return _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+}
+
 // Block b of MB activation rows, in load_block's order: the even values in x0, the odd ones in x1.
 template <int MB>
 inline void load_x(const int16_t* xq, int64_t K, int64_t b, __m256i* x0, __m256i* x1) {
@@ -167,7 +173,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
         // the low lane sums values 0-15 (first scale), the high lane 16-31 (second scale)
         const __m256 s = _mm256_setr_m128(_mm_set1_ps(load_scale(sc, r * ng + 2 * b)), _mm_set1_ps(load_scale(sc, r * ng + 2 * b + 1)));
         for (int i = 0; i < MB; ++i) {
-          __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0[i]), _mm256_madd_epi16(w1, x1[i]));
+          __m256i dot = block_dot(w0, w1, x0[i], x1[i]);
           acc[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), s), _mm256_set1_ps(xd[i * nb + b]), acc[r][i]);
         }
       }
@@ -181,7 +187,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
       __m256i x0[1], x1[1], w0, w1;
       load_x<1>(xq, K, b, x0, x1);
       load_block<Q4>(w, b, w0, w1);
-      return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0[0]), _mm256_madd_epi16(w1, x1[0])));
+      return _mm256_cvtepi32_ps(block_dot(w0, w1, x0[0], x1[0]));
     };
     int64_t b = 0;
     if (per == 1) {
@@ -213,8 +219,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
           __m256i w0, w1;
           load_block<Q4>(w + r * row_bytes, b, w0, w1);
           for (int i = 0; i < MB; ++i) {
-            // |w| <= 255 and |x| <= 32767: each int32 lane sums four products, far from overflow.
-            __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, x0[i]), _mm256_madd_epi16(w1, x1[i]));
+            __m256i dot = block_dot(w0, w1, x0[i], x1[i]);
             __m256 f = _mm256_mul_ps(ws[r], _mm256_set1_ps(xd[i * nb + b]));
             acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc[r][i]);
           }
