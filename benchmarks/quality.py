@@ -3,7 +3,8 @@
     python benchmarks/quality.py [--text benchmarks/perplexity_text.txt] [--skip-2b]
 
 1. Perplexity of the real Gemma 3 270M on a fixed text: the GGUF decoded to float32 (the reference),
-   re-quantised by gemmarun to int8 and int4 (g32, g128), and the file's own Q4_K_M blocks kept packed.
+   re-quantised by gemmarun to int8 and int4 (g32 by the weights alone; g32 and g128 calibrated on the
+   built-in text, as `gemmarun quantize` does), and the file's own Q4_K_M blocks kept packed.
 2. Logit error of int8 / int4 against float32 on the gemma-2-2b shape (random weights; made by
    `gemmarun bench --shape gemma-2-2b` or benchmarks/speed.py).
 """
@@ -33,7 +34,9 @@ def main() -> int:
     print("| weights | perplexity | vs float32 | wall s |\n|---|---|---|---|")
     ref = None
     for label, kw in [("float32 (GGUF decoded)", dict(quantize="none")), ("int8 (per channel)", dict(quantize="int8")),
-                      ("int4 g32", dict(quantize="int4", group_size=32)), ("int4 g128", dict(quantize="int4", group_size=128)),
+                      ("int4 g32, weights only", dict(quantize="int4", group_size=32)),
+                      ("int4 g32, calibrated (built-in text)", dict(quantize="int4", group_size=32, calibration=True)),
+                      ("int4 g128, calibrated (built-in text)", dict(quantize="int4", group_size=128, calibration=True)),
                       ("Q4_K_M blocks as stored", {})]:  # fmt: skip
         lm = gemmarun.load(**kw)
         t = time.perf_counter()

@@ -211,7 +211,9 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
             path.with_suffix(".partial").rename(path)
             del model, state
         paths[t] = path
-    for scheme in schemes:  # loaded as users would after `gemmarun quantize`, like llama.cpp's GGUF files
+    # Loaded as users would after `gemmarun quantize`, like llama.cpp's GGUF files (not calibrated:
+    # speed does not depend on the values).
+    for scheme in schemes:
         path = folder / f"gemma-2-2b-{scheme}"
         if not (path / "model.safetensors").exists():
             from .lm import load

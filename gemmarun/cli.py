@@ -59,7 +59,7 @@ def _load(args):
             raise GemmarunError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return load(args.model, dtype=args.dtype, device=args.device, context=args.context, quantize=args.quantize,
-                group_size=args.group_size)  # fmt: skip
+                group_size=args.group_size, **getattr(args, "calibration_kwargs", {}))  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -111,9 +111,23 @@ def cmd_quantize(args) -> int:
     if src.is_file():
         raise GemmarunError(f"{src} is a file; gemmarun quantize takes a checkpoint folder (GGUF files load packed as they are)")
     args.model, args.quantize = args.src, args.scheme
+    calibrated = args.scheme == "int4" and not args.no_calibration
+    if args.scheme != "int4" and args.calibration is not None:
+        raise GemmarunError("--calibration applies to --scheme int4 (int8 rounds each channel to its own maximum)")
+    if args.no_calibration and args.calibration is not None:
+        raise GemmarunError("give either --calibration FILE or --no-calibration, not both")
+    if calibrated:
+        text = True
+        if args.calibration is not None:
+            try:
+                text = Path(args.calibration).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise GemmarunError(f"cannot read the calibration text {args.calibration}: {e}; give a UTF-8 text file") from None
+        args.calibration_kwargs = dict(calibration=text, calibration_tokens=args.calibration_tokens)
     lm = _load(args)
     out = save_quantized(lm, Path(args.dst))
-    print(f"wrote {out} ({args.scheme}{'' if args.scheme == 'int8' else f', groups of {args.group_size}'})")
+    how = "" if args.scheme == "int8" else f", groups of {args.group_size}" + (", calibrated" if calibrated else "")
+    print(f"wrote {out} ({args.scheme}{how})")
     return 0
 
 
@@ -238,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst", metavar="DST", help="output folder")
     q.add_argument("--scheme", choices=["int8", "int4"], default="int8")
     q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
+    q.add_argument("--calibration", metavar="FILE",
+                   help="int4: a UTF-8 text whose activations weight the rounding (default: the built-in text, "
+                        "CPython's reference manual)")  # fmt: skip
+    q.add_argument("--calibration-tokens", type=int, default=2048, help="int4: calibration tokens to run (default 2048)")
+    q.add_argument("--no-calibration", action="store_true", help="int4: round by the weights alone (faster, less exact)")
     q.set_defaults(func=cmd_quantize, dtype="float32", device="cpu", context=None, threads=None)
 
     b = sub.add_parser("bench", help="speed and memory, side by side with transformers and llama.cpp")

@@ -98,19 +98,43 @@ def load(
     context: int | None = None,
     quantize: str | None = None,
     group_size: int = 32,
+    calibration: str | bool | None = None,
+    calibration_tokens: int = 2048,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file, a Hugging Face repo id (from the local cache) or,
     with no argument, the default Gemma 3 270M model.
 
     quantize: None keeps weights as stored (a GGUF's blocks stay packed on CPU); "int8" (per
     channel) or "int4" (groups of `group_size`: 32, 64 or 128) quantise at load; "none" decodes
-    a packed file to dense `dtype` weights."""
+    a packed file to dense `dtype` weights.
+    calibration (int4 only): a text, or True for the built-in one, whose first `calibration_tokens`
+    tokens' activations weight the rounding (see gemmarun/calibrate.py). The model is loaded dense
+    in float32 first to run them."""
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype, device)
     if group_size not in (32, 64, 128):
         raise InvalidParameterError(f"group_size must be 32, 64 or 128, got {group_size!r}")
+    if calibration is not None and calibration is not False:
+        if quantize != "int4":
+            raise InvalidParameterError(f"calibration applies to quantize='int4', not {quantize!r}")
+        if not isinstance(calibration, (str, bool)):
+            raise InvalidParameterError("calibration must be a text or True (the built-in text)")
+        if not isinstance(calibration_tokens, int) or calibration_tokens < 1:
+            raise InvalidParameterError(f"calibration_tokens must be a positive integer, got {calibration_tokens!r}")
+    else:
+        calibration = None
     path = resolve(source)
-    config, model, tokenizer = load_checkpoint(path, torch_dtype, device, quantize, group_size)
+    if calibration is None:
+        config, model, tokenizer = load_checkpoint(path, torch_dtype, device, quantize, group_size)
+    else:
+        from .calibrate import importance, quantize_model
+
+        config, model, tokenizer = load_checkpoint(path, torch.float32, device, "none", group_size)
+        text = None if calibration is True else calibration
+        weights = importance(LanguageModel(model, tokenizer, config, str(path)), text, calibration_tokens)
+        quantize_model(model, quantize, group_size, weights)
+        for p in model.parameters():  # the norms, still float32
+            p.data = p.data.to(torch_dtype)
     warn_dtype(config, torch_dtype)
     return LanguageModel(model, tokenizer, config, str(path), context)
 

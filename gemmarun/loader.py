@@ -13,7 +13,7 @@ import torch
 from .config import GemmaConfig
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import Gemma
-from .quant import Packed, install, is_quantizable, quantize_weight
+from .quant import Packed, install, is_quantizable, quantize_weight, scheme_for
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -126,10 +126,7 @@ def build_model(
         if isinstance(t, Packed):
             packed[name] = t
         elif quantize and is_quantizable(name):
-            # The tied embedding is also the LM head: at 4 bits it cost the 270M a third of its
-            # perplexity, so int4 keeps it at int8, as llama.cpp's 4-bit mixes keep their output layer.
-            scheme = "int8" if name == "model.embed_tokens.weight" else quantize
-            packed[name] = quantize_weight(t, scheme, group_size)
+            packed[name] = quantize_weight(t, scheme_for(name, quantize), group_size)
         else:
             state[name] = t.to(device=device, dtype=dtype)
     if unexpected:

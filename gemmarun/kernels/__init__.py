@@ -1,4 +1,4 @@
-"""The AVX2 kernels (quantised matmul, decode attention, RMSNorm, GeGLU), compiled once on first use and cached; None where unavailable."""
+"""The AVX2 kernels (quantised matmul, decode attention, RMSNorm, GeGLU, int4 rounding search), compiled once on first use and cached; None where unavailable."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("bindings.cpp", "qlinear.cpp", "attention.cpp", "elementwise.cpp", "decode.cpp")]
+SOURCES = [HERE / n for n in ("bindings.cpp", "qlinear.cpp", "attention.cpp", "elementwise.cpp", "decode.cpp", "quantize.cpp")]
 HEADERS = [HERE / n for n in ("simd.h", "kernels.h")]
 
 
@@ -83,3 +83,8 @@ def geglu_kernel():
 def decode_stack_class():
     """DecodeStack(layers, eps): every decoder layer of a decoding step in one call (see decode.cpp), or None."""
     return _entry("DecodeStack")
+
+
+def int4_search_kernel():
+    """int4_search(w, importance, group) -> (scales, mins), float32 (N, K // group) (see quantize.cpp), or None."""
+    return _entry("int4_search")

@@ -29,6 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "Gemma RMSNorm with the (1 + w) scale, plus an optional residual, float32 (AVX2)",
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("geglu", &geglu, "gelu_tanh(gate) * up, float32 (AVX2)");
+  m.def("int4_search", &int4_search, "int4 group scales and mins minimising the weighted rounding error",
+        py::arg("w"), py::arg("importance"), py::arg("group"));
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init([](py::list layers, double eps) {
              std::vector<DecodeLayer> ls;

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 // qlinear.cpp: x (..., K) against each quantised matrix; one (..., N) result per matrix.
@@ -14,6 +15,8 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
 // elementwise.cpp
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps, c10::optional<at::Tensor> residual);
 at::Tensor geglu(at::Tensor gate, at::Tensor up);
+// quantize.cpp: int4 scales and mins (N, K / group) by a weighted error search.
+std::tuple<at::Tensor, at::Tensor> int4_search(at::Tensor w, c10::optional<at::Tensor> importance, int64_t group);
 
 // decode.cpp: a stack of decoder layers run for one token per row, with no Python between layers.
 struct QuantMatrices {  // the kernel arguments of matrices that share an input
