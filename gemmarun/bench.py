@@ -207,7 +207,9 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
             log(f"writing {path.name} (once)")
             _, model = load_folder_weights(hf, torch.float32, torch.device("cpu"))
             state = {k: v for k, v in model.state_dict().items()}
-            write_gguf(path.with_suffix(".partial"), config, state, tokenizer_fields=fields, qtype=t)
+            layers, _, embedding = t.partition("+")  # "Q4_0+Q8_0": Q4_0 layers, Q8_0 embedding
+            write_gguf(path.with_suffix(".partial"), config, state, tokenizer_fields=fields, qtype=layers,
+                       embedding_qtype=embedding or None)  # fmt: skip
             path.with_suffix(".partial").rename(path)
             del model, state
         paths[t] = path
@@ -247,7 +249,9 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
     run = dict(prefill=prefill, decode=decode, context=max(prefill, 32 + decode) + 8)
     specs = []
     if shape == "gemma-2-2b":
-        gguf_types = ("F16", "Q8_0", "Q4_0") if "llama.cpp" in engines else ()
+        # Q4_0+Q8_0: Q4_0 layers with the tied embedding / LM head at Q8_0, bit for bit the layout of
+        # gemmarun's int4 (and close to llama-quantize's Q4_0, which keeps that tensor at Q6_K).
+        gguf_types = ("F16", "Q8_0", "Q4_0", "Q4_0+Q8_0") if "llama.cpp" in engines else ()
         schemes = ("int8", "int4") if "gemmarun" in engines else ()
         files = gemma2_2b_files(cache, gguf_types, log, schemes)
         hf = str(files["hf"])
@@ -258,7 +262,7 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
         if "transformers" in engines:
             specs += [("transformers", dict(run, model=hf, dtype="bfloat16")), ("transformers", dict(run, model=hf, dtype="float32"))]
         for t in gguf_types:
-            specs.append(("llama.cpp", dict(run, model=str(files[t]), label=t)))
+            specs.append(("llama.cpp", dict(run, model=str(files[t]), label=t.replace("+", ", embedding "))))
         return specs
     if shape is not None:
         raise ValueError(f"unknown shape {shape!r}; the benchmark knows gemma-2-2b")

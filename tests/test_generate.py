@@ -9,7 +9,7 @@ import torch
 
 import gemmarun
 from gemmarun import InvalidParameterError, SamplingParams
-from gemmarun.sampling import probabilities
+from gemmarun.sampling import probabilities, sample_one
 from checkpoints import make_reference, save_checkpoint
 
 
@@ -47,6 +47,25 @@ def test_filters_keep_the_right_tokens():
     assert (p[:2] > 0).all() and (p[2:] == 0).all()
     p = probabilities(logits, SamplingParams(temperature=1.0, min_p=float(full[2] / full[0]) + 1e-3))
     assert (p[:2] > 0).all() and (p[2:] == 0).all()
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+    want = probabilities(logits, params)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sample_one(logits, params, None, [], gen) for _ in range(20000)]), minlength=6)
+    freq = counts.double() / counts.sum()
+    assert counts[want == 0].sum() == 0  # filtered tokens never drawn
+    assert ((freq - want.double()).abs() < 4 * (want.double() * (1 - want.double()) / 20000).sqrt() + 1e-9).all()
+
+
+def test_top_p_past_the_candidates_sorts_everything():
+    logits = torch.zeros(5000)  # flat: 90% of the mass takes 4500 tokens, past the first 1024 looked at
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.9))
+    assert (p > 0).sum().item() == 4500
+    peaked = torch.cat([torch.full((10,), 10.0), torch.zeros(4990)])  # the cut within the candidates
+    assert (probabilities(peaked, SamplingParams(temperature=1.0, top_p=0.9)) > 0).sum().item() == 10
 
 
 def test_repetition_penalty_changes_output(lm):
