@@ -191,6 +191,17 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
     };
     int64_t b = 0;
     if (per == 1) {
+      // Eight blocks' scale products at once (weight scale x activation scale), each then
+      // broadcast from memory: a scalar float16 conversion, multiply and broadcast per block cost
+      // a fifth of the loop's instructions.
+      alignas(32) float f[8];
+      for (; b + 8 <= nb; b += 8) {
+        _mm256_store_ps(f, _mm256_mul_ps(load8(sc + b), _mm256_loadu_ps(xd + b)));
+        for (int j = 0; j < 8; j += 2) {
+          acc[0][0] = _mm256_fmadd_ps(block(b + j), _mm256_broadcast_ss(f + j), acc[0][0]);
+          odd = _mm256_fmadd_ps(block(b + j + 1), _mm256_broadcast_ss(f + j + 1), odd);
+        }
+      }
       for (; b + 2 <= nb; b += 2) {
         acc[0][0] = _mm256_fmadd_ps(block(b), _mm256_set1_ps(load_scale(sc, b) * xd[b]), acc[0][0]);
         odd = _mm256_fmadd_ps(block(b + 1), _mm256_set1_ps(load_scale(sc, b + 1) * xd[b + 1]), odd);
