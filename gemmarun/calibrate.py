@@ -2,7 +2,7 @@
 
 The int4 search (kernels/quantize.cpp) weights each weight's rounding error by the mean squared
 input of its column, so columns that carry energy are kept most exactly (llama.cpp's "importance
-matrix"). On the real Gemma 3 270M, int4 g32 perplexity: +24% with min/max rounding, +10% with the
+matrix"). On the real Gemma 3 270M, int4 g32 perplexity: +24% with min/max rounding, +12% with the
 weighted search alone, +6% with importances from 2048 calibration tokens (benchmarks/quality.py).
 """
 from __future__ import annotations

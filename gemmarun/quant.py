@@ -88,7 +88,7 @@ def quantize_int4(w: torch.Tensor, group: int = 32, importance: torch.Tensor | N
 
 def int4_search(w: torch.Tensor, importance: torch.Tensor | None, group: int, rows: int = 4096):
     """The search of kernels/quantize.cpp in torch, in w's dtype: (scales, mins) (N, K // group).
-    The portable path (~40x slower than the kernel) and the kernel's reference in the tests."""
+    The portable path (~20x slower than the kernel on 2 threads) and the kernel's reference in the tests."""
     n, k = w.shape
     scales, mins = [], []
     for r in range(0, n, rows):

@@ -90,8 +90,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: torch.
 
 
 # top-p first looks among the most likely this many tokens: over Gemma 3's 262k-token vocabulary a
-# full sort plus torch.multinomial cost 43 ms a sampled token (2 threads), more than a 270M decoding
-# step; candidates plus an inverse-CDF draw 1-3 ms on the real model's logits.
+# full sort plus torch.multinomial cost 37-38 ms a sampled token (2 threads), more than a 270M
+# decoding step; candidates plus an inverse-CDF draw 1.7-2.5 ms (benchmarks/sampling.py).
 TOP_P_CANDIDATES = 1024
 
 
