@@ -174,6 +174,43 @@ def table(rows: list[Measurement], bandwidth_gbs: float, baseline: Measurement |
 # ------------------------------------------------------------------------------------ suites
 
 
+# GGUF types made by llama.cpp's own quantizer (llama-quantize's code, through llama-cpp-python)
+# from the F16 file: the tensor mix llama.cpp users get, e.g. the tied embedding kept at Q6_K in Q4_0.
+LLAMA_QUANTIZE = {"Q4_0 (llama-quantize)": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+
+
+def _gguf_name(gguf_type: str) -> str:
+    return f"gemma-2-2b-{gguf_type.replace(' (llama-quantize)', '-llama-quantize')}.gguf"
+
+
+def _llama_quantize(src: Path, path: Path, ftype: str, log) -> Path:
+    if not path.exists():
+        log(f"quantizing {src.name} to {path.name} with llama.cpp (once)")
+        code = ("import ctypes, sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
+                f"p.ftype = l.{ftype}; p.nthread = 2; "
+                "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")  # fmt: skip
+        partial = path.with_suffix(".partial")
+        r = subprocess.run([sys.executable, "-c", code, str(src), str(partial)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {src.name}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        partial.rename(path)
+    return path
+
+
+def _current_layout(path: Path, scheme: str) -> bool:
+    """Whether a cached `gemmarun quantize` copy has the tensor layout quantising gives today."""
+    import json
+
+    from safetensors import safe_open
+
+    from .quant import METADATA_KEY, scheme_for
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        schemes = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+    bits = {"int8": 8, "int6": 6, "int4": 4}[scheme_for("model.embed_tokens.weight", scheme)]
+    return schemes.get("model.embed_tokens", {}).get("bits") == bits
+
+
 def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, schemes: tuple[str, ...] = ()) -> dict[str, Path]:
     """The random-weight gemma-2-2b checkpoint (bf16 safetensors + tokenizer), GGUF copies of the
     same weights and `gemmarun quantize` copies (int8, int4), made once and cached. The tokenizer is
@@ -190,7 +227,7 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
     if not (hf / "model.safetensors.index.json").exists():
         log(f"creating a random-weight gemma-2-2b checkpoint in {hf} (once)")
         write_random_checkpoint(config, hf, dtype=torch.bfloat16)
-    if not (hf / "tokenizer.model").exists() or any(not (folder / f"gemma-2-2b-{t}.gguf").exists() for t in gguf_types):
+    if not (hf / "tokenizer.model").exists() or any(not (folder / _gguf_name(t)).exists() for t in gguf_types):
         meta = read_gguf(default_model_path()).metadata
         fields = {k: (v[: config.vocab_size] if isinstance(v, list) and len(v) > config.vocab_size else v)
                   for k, v in meta.items() if k.startswith("tokenizer.ggml.")}  # fmt: skip
@@ -199,7 +236,10 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
         (hf / "tokenizer.model").write_bytes(tok._engine.sp.serialized_model_proto())
     paths = {"hf": hf}
     for t in gguf_types:
-        path = folder / f"gemma-2-2b-{t}.gguf"
+        path = folder / _gguf_name(t)
+        if t in LLAMA_QUANTIZE:
+            paths[t] = _llama_quantize(paths["F16"], path, LLAMA_QUANTIZE[t], log)
+            continue
         if not path.exists():
             from .loader import load_folder_weights
             from .weights.gguf_write import write_gguf
@@ -207,9 +247,7 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
             log(f"writing {path.name} (once)")
             _, model = load_folder_weights(hf, torch.float32, torch.device("cpu"))
             state = {k: v for k, v in model.state_dict().items()}
-            layers, _, embedding = t.partition("+")  # "Q4_0+Q8_0": Q4_0 layers, Q8_0 embedding
-            write_gguf(path.with_suffix(".partial"), config, state, tokenizer_fields=fields, qtype=layers,
-                       embedding_qtype=embedding or None)  # fmt: skip
+            write_gguf(path.with_suffix(".partial"), config, state, tokenizer_fields=fields, qtype=t)
             path.with_suffix(".partial").rename(path)
             del model, state
         paths[t] = path
@@ -217,12 +255,16 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
     # speed does not depend on the values).
     for scheme in schemes:
         path = folder / f"gemma-2-2b-{scheme}"
-        if not (path / "model.safetensors").exists():
+        if not (path / "model.safetensors").exists() or not _current_layout(path, scheme):
             from .lm import load
             from .quant import save_quantized
 
+            import shutil
+
             log(f"writing {path.name} (once)")
+            shutil.rmtree(path.with_suffix(".partial"), ignore_errors=True)
             save_quantized(load(hf, quantize=scheme), path.with_suffix(".partial"))
+            shutil.rmtree(path, ignore_errors=True)
             path.with_suffix(".partial").rename(path)
         paths[scheme] = path
     return paths
@@ -249,9 +291,9 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
     run = dict(prefill=prefill, decode=decode, context=max(prefill, 32 + decode) + 8)
     specs = []
     if shape == "gemma-2-2b":
-        # Q4_0+Q8_0: Q4_0 layers with the tied embedding / LM head at Q8_0, bit for bit the layout of
-        # gemmarun's int4 (and close to llama-quantize's Q4_0, which keeps that tensor at Q6_K).
-        gguf_types = ("F16", "Q8_0", "Q4_0", "Q4_0+Q8_0") if "llama.cpp" in engines else ()
+        # Q4_0 from gguf-py: every matrix at Q4_0; llama-quantize's Q4_0 keeps the tied embedding / LM
+        # head at Q6_K, as gemmarun's int4 keeps it at 6 bits.
+        gguf_types = ("F16", "Q8_0", "Q4_0", "Q4_0 (llama-quantize)") if "llama.cpp" in engines else ()
         schemes = ("int8", "int4") if "gemmarun" in engines else ()
         files = gemma2_2b_files(cache, gguf_types, log, schemes)
         hf = str(files["hf"])
@@ -262,7 +304,7 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
         if "transformers" in engines:
             specs += [("transformers", dict(run, model=hf, dtype="bfloat16")), ("transformers", dict(run, model=hf, dtype="float32"))]
         for t in gguf_types:
-            specs.append(("llama.cpp", dict(run, model=str(files[t]), label=t.replace("+", ", embedding "))))
+            specs.append(("llama.cpp", dict(run, model=str(files[t]), label=t)))
         return specs
     if shape is not None:
         raise ValueError(f"unknown shape {shape!r}; the benchmark knows gemma-2-2b")

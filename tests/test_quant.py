@@ -15,8 +15,8 @@ from gguf import GGMLQuantizationType as QT
 import gemmarun
 from gemmarun.cache import KVCache
 from gemmarun.kernels import int4_search_kernel, qlinear_kernel
-from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, quantize_int4,
-                            quantize_int8, unpack_nibbles)
+from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, pack_q6,
+                            quantize_int4, quantize_int6, quantize_int8, unpack_nibbles, unpack_q6)
 from gemmarun.weights.gguf import GGUFTensor
 from gemmarun.weights.gguf_packed import repack
 from gemmarun.calibrate import importance
@@ -38,11 +38,21 @@ def _within_rounding(got, x, w):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 40, 600])  # each kernel tile shape, and the GEMM path past 512
-@pytest.mark.parametrize("scheme", ["int8", "int4-32", "int4-128"])
+@pytest.mark.parametrize("scheme", ["int8", "int4-32", "int4-128", "int6", "q6-16", "q6-mins"])
 def test_quantised_matmul_equals_dequantised(rows, scheme):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 256, generator=g)
-    p = quantize_int8(w) if scheme == "int8" else quantize_int4(w, int(scheme.split("-")[1]))
+    codes = torch.randint(-32, 32, (96, 256), generator=g, dtype=torch.int8)
+    if scheme == "int8":
+        p = quantize_int8(w)
+    elif scheme == "int6":
+        p = quantize_int6(w)
+    elif scheme == "q6-16":  # Q6_K's layout: a float32 scale per 16 values
+        p = Packed(pack_q6(codes), torch.rand(96, 16, generator=g), None, 16, 0.0, 6)
+    elif scheme == "q6-mins":  # Q5_1 / Q5_K's: float16 scales and mins, codes offset by a zero
+        p = Packed(pack_q6(codes), torch.rand(96, 8, generator=g).half(), torch.randn(96, 8, generator=g).half(), 32, -32.0, 6)
+    else:
+        p = quantize_int4(w, int(scheme.split("-")[1]))
     x = torch.randn(rows, 256, generator=g)
     got = matmul(x, p)
     assert got.shape == (rows, 96)
@@ -70,6 +80,21 @@ def test_quantisation_error_is_small():
     if int4_search_kernel() is not None:  # without it, int4 rounds between each group's min and max
         assert err.pow(2).mean() < 0.9 * (torch.round((g - lo) / step) * step + lo - g).pow(2).mean()
     assert torch.equal(unpack_nibbles(pack_nibbles(torch.arange(64).remainder(16).view(1, 64))), torch.arange(64).remainder(16).view(1, 64).to(torch.uint8))
+
+
+def test_int6_layout_and_error():
+    codes = torch.randint(-32, 32, (5, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    packed = pack_q6(codes)
+    assert packed.shape == (5, 72) and torch.equal(unpack_q6(packed), codes)
+    one = torch.full((1, 32), -32, dtype=torch.int8)
+    one[0, 17] = 31  # value 17's top bits: 64-bit quarter 2 of the odd register, word 0, bit 0
+    one[0, 6] = 31  # value 6: quarter 0 of the even register, word 3, bit 4
+    assert int.from_bytes(bytes(pack_q6(one)[0, 16:].tolist()), "little") == 3 << 0 | 3 << (48 + 4)
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    p = quantize_int6(w)
+    assert p.bits == 6 and p.q.shape == (64, 384) and p.in_features == 512
+    err = (dequantize(p) - w).view(64, 16, 32)
+    assert (err.abs() <= p.scales.float().unsqueeze(-1) / 2 * 1.001 + 1e-6).all()  # symmetric: nothing clipped
 
 
 def test_kernel_is_built_on_avx2():
@@ -211,7 +236,7 @@ def test_calibrated_int4_is_close_to_fp32_and_used(folder):
     assert (got - ref).abs().mean().item() < 0.15
     a, b = plain.model.model.layers[0].self_attn.q_proj, calibrated.model.model.layers[0].self_attn.q_proj
     assert isinstance(b, QuantLinear) and b.bits == 4 and not torch.equal(a.scales, b.scales)
-    assert calibrated.model.model.embed_tokens.bits == 8  # the tied LM head stays int8
+    assert calibrated.model.model.embed_tokens.bits == 6  # the tied LM head keeps 6 bits
     with pytest.raises(gemmarun.InvalidParameterError, match="calibration applies to quantize='int4'"):
         gemmarun.load(folder, quantize="int8", calibration=True)
     with pytest.raises(gemmarun.InvalidParameterError, match="calibration_tokens"):

@@ -61,7 +61,7 @@ def _entry(name: str):
 
 
 def qlinear_kernel():
-    """qlinear(x, [q], [scales], [mins], [group], [zero], [q4]) -> [x @ W.T] (see qlinear.cpp), or None."""
+    """qlinear(x, [q], [scales], [mins], [group], [zero], [bits]) -> [x @ W.T] (see qlinear.cpp), or None."""
     return _entry("qlinear")
 
 

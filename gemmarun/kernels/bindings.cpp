@@ -7,7 +7,7 @@ namespace py = pybind11;
 
 namespace {
 
-QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, q4), ...]
+QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, bits), ...]
   QuantMatrices m;
   for (auto a : args) {
     auto t = a.cast<py::tuple>();
@@ -16,7 +16,7 @@ QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, 
     m.mins.push_back(t[2].cast<c10::optional<at::Tensor>>());
     m.groups.push_back(t[3].cast<int64_t>());
     m.zeros.push_back(t[4].cast<double>());
-    m.q4.push_back(t[5].cast<bool>());
+    m.bits.push_back(t[5].cast<int64_t>());
   }
   return m;
 }

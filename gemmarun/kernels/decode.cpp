@@ -5,7 +5,7 @@
 namespace {
 
 std::vector<at::Tensor> project(const at::Tensor& x, const QuantMatrices& m) {
-  return qlinear(x, m.q, m.scales, m.mins, m.groups, m.zeros, m.q4);
+  return qlinear(x, m.q, m.scales, m.mins, m.groups, m.zeros, m.bits);
 }
 
 }  // namespace

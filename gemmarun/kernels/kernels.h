@@ -8,7 +8,7 @@
 // qlinear.cpp: x (..., K) against each quantised matrix; one (..., N) result per matrix.
 std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::vector<at::Tensor> scales,
                                 std::vector<c10::optional<at::Tensor>> mins, std::vector<int64_t> groups,
-                                std::vector<double> zeros, std::vector<bool> q4s);
+                                std::vector<double> zeros, std::vector<int64_t> bits);
 // attention.cpp: one decoding step of attention, with rope and the cache write.
 at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kc, at::Tensor vc, at::Tensor slots,
                             at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap);
@@ -24,7 +24,7 @@ struct QuantMatrices {  // the kernel arguments of matrices that share an input
   std::vector<c10::optional<at::Tensor>> mins;
   std::vector<int64_t> groups;
   std::vector<double> zeros;
-  std::vector<bool> q4;
+  std::vector<int64_t> bits;
 };
 
 struct DecodeLayer {

@@ -9,7 +9,9 @@
 // q8: q is int8, row-major (N, K).
 // q4: q is 4-bit, 16 bytes per 32 values: byte j holds value j in its low nibble and value j + 16
 //     in its high nibble (ggml's Q4_0 order).
-// group: a multiple of 32, or 16 without mins or zero (Q6_K's sub-blocks).
+// q6: q is signed 6-bit, 24 bytes per 32 values: the low nibbles of q + 32 as q4, then a 64-bit
+//     word of their top two bits (layout in load_block; quant.py's HIGH_BITS writes it).
+// group: a multiple of 32, or 16 without mins or zero (Q6_K's sub-blocks; 8- or 6-bit q).
 // Scales and mins are float32 or float16 (N, K / group).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -96,15 +98,30 @@ QuantisedRows quantise_rows(const float* x, int64_t M, int64_t K) {
 // word of the weights holds two consecutive int8 values, or four 4-bit ones (values 2j, 2j + 16,
 // 2j + 1, 2j + 17 from the low nibble up): shifts and a mask pick each out in place, where
 // sign- or zero-extending half a register (vpmovsxbw) is a lane-crossing instruction.
-template <bool Q4>
+//
+// q6 codes (q + 32) take their top two bits from one 64-bit word broadcast to all four 64-bit
+// quarters: quarter Q of w0 finds its four words' bits at bit 4 + 2 Q of each 16-bit field, so a
+// shift by 2 Q and a mask put them at bits 4-5 above the nibble. w1's quarters 0-1 find them at
+// bits 12 and 14, quarters 2-3 at bits 0 and 2, read from a copy shifted left by 4 (a right shift
+// cannot reach them there). The codes come back unsigned (0..63): callers count the 32 in the zero.
+template <int BITS>
 inline void load_block(const uint8_t* wrow, int64_t b, __m256i& w0, __m256i& w1) {
-  constexpr int64_t bytes = Q4 ? QK / 2 : QK;
-  if ((b * bytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wrow + b * bytes + PREFETCH), _MM_HINT_T0);
-  if (Q4) {
+  constexpr int64_t bytes = QK * BITS / 8;
+  // 24-byte q6 blocks do not tile cache lines: every block prefetches (one more instruction).
+  if (BITS == 6 || (b * bytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(wrow + b * bytes + PREFETCH), _MM_HINT_T0);
+  if (BITS != 8) {
     const __m256i nibble = _mm256_set1_epi16(0x000F);
-    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + b * QK / 2)));
+    const uint8_t* blk = wrow + b * bytes;
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
     w0 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), nibble);
     w1 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(8, 8, 12, 12)), nibble);
+    if (BITS == 6) {
+      const __m256i top = _mm256_set1_epi16(0x0030);
+      __m256i h = _mm256_set1_epi64x(*reinterpret_cast<const int64_t*>(blk + 16));
+      __m256i h1 = _mm256_blend_epi32(h, _mm256_slli_epi64(h, 4), 0xF0);
+      w0 = _mm256_or_si256(w0, _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 2, 4, 6)), top));
+      w1 = _mm256_or_si256(w1, _mm256_and_si256(_mm256_srlv_epi64(h1, _mm256_setr_epi64x(8, 10, 0, 2)), top));
+    }
   } else {
     __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + b * QK));
     w0 = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
@@ -150,10 +167,10 @@ inline void load_x(const int16_t* xq, int64_t K, int64_t b, __m256i* x0, __m256i
 // row alone keeps one weight row (several interleaved rows halved the memory streaming rate on the
 // 262k-row LM head) and alternates two accumulators, so FMA latency does not bound it.
 // EXTRA: the weights have a zero or mins, added from the block sums.
-template <int NR, int MB, bool Q4, bool EXTRA, typename S>
+template <int NR, int MB, int BITS, bool EXTRA, typename S>
 void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, const uint8_t* q, const S* scales,
               const S* mins, int64_t group, float zero, float* out, int64_t N, int64_t n0) {
-  const int64_t nb = K / QK, ng = K / group, row_bytes = Q4 ? K / 2 : K;
+  const int64_t nb = K / QK, ng = K / group, row_bytes = K * BITS / 8;
   __m256 acc[NR][MB];
   float extra[NR][MB];
   for (int r = 0; r < NR; ++r)
@@ -169,7 +186,11 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
       load_x<MB>(xq, K, b, x0, x1);
       for (int r = 0; r < NR; ++r) {
         __m256i w0, w1;
-        load_block<Q4>(w + r * row_bytes, b, w0, w1);
+        load_block<BITS>(w + r * row_bytes, b, w0, w1);
+        if (BITS == 6) {  // signed codes: with a scale per 16 values the zero has no block sums to go with
+          w0 = _mm256_sub_epi16(w0, _mm256_set1_epi16(32));
+          w1 = _mm256_sub_epi16(w1, _mm256_set1_epi16(32));
+        }
         // the low lane sums values 0-15 (first scale), the high lane 16-31 (second scale)
         const __m256 s = _mm256_setr_m128(_mm_set1_ps(load_scale(sc, r * ng + 2 * b)), _mm_set1_ps(load_scale(sc, r * ng + 2 * b + 1)));
         for (int i = 0; i < MB; ++i) {
@@ -186,7 +207,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
     auto block = [&](int64_t b) {
       __m256i x0[1], x1[1], w0, w1;
       load_x<1>(xq, K, b, x0, x1);
-      load_block<Q4>(w, b, w0, w1);
+      load_block<BITS>(w, b, w0, w1);
       return _mm256_cvtepi32_ps(block_dot(w0, w1, x0[0], x1[0]));
     };
     int64_t b = 0;
@@ -228,7 +249,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
         load_x<MB>(xq, K, b, x0, x1);
         for (int r = 0; r < NR; ++r) {
           __m256i w0, w1;
-          load_block<Q4>(w + r * row_bytes, b, w0, w1);
+          load_block<BITS>(w + r * row_bytes, b, w0, w1);
           for (int i = 0; i < MB; ++i) {
             __m256i dot = block_dot(w0, w1, x0[i], x1[i]);
             __m256 f = _mm256_mul_ps(ws[r], _mm256_set1_ps(xd[i * nb + b]));
@@ -246,20 +267,20 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
     for (int i = 0; i < MB; ++i) out[(m0 + i) * N + n0 + r] = hsum8(acc[r][i]) + extra[r][i];
 }
 
-template <int NR, int MB, bool Q4, typename S>
+template <int NR, int MB, int BITS, typename S>
 inline void tile(bool extra, const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, const uint8_t* q, const S* scales,
                  const S* mins, int64_t group, float zero, float* out, int64_t N, int64_t n0) {
-  if (extra) dot_tile<NR, MB, Q4, true>(x, xg, m0, K, q, scales, mins, group, zero, out, N, n0);
-  else dot_tile<NR, MB, Q4, false>(x, xg, m0, K, q, scales, mins, group, zero, out, N, n0);
+  if (extra) dot_tile<NR, MB, BITS, true>(x, xg, m0, K, q, scales, mins, group, zero, out, N, n0);
+  else dot_tile<NR, MB, BITS, false>(x, xg, m0, K, q, scales, mins, group, zero, out, N, n0);
 }
 
 // All weight rows [t0, t1) against activation rows [m0, m0 + MB): NR rows at a time, then singly.
-template <int NR, int MB, bool Q4, typename S>
+template <int NR, int MB, int BITS, typename S>
 void rows(bool extra, const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, const uint8_t* q, const S* scales, const S* mins,
           int64_t group, float zero, float* out, int64_t N, int64_t t0, int64_t t1) {
   int64_t n = t0;
-  for (; n + NR <= t1; n += NR) tile<NR, MB, Q4>(extra, x, xg, m0, K, q, scales, mins, group, zero, out, N, n);
-  for (; n < t1; ++n) tile<1, MB, Q4>(extra, x, xg, m0, K, q, scales, mins, group, zero, out, N, n);
+  for (; n + NR <= t1; n += NR) tile<NR, MB, BITS>(extra, x, xg, m0, K, q, scales, mins, group, zero, out, N, n);
+  for (; n < t1; ++n) tile<1, MB, BITS>(extra, x, xg, m0, K, q, scales, mins, group, zero, out, N, n);
 }
 
 // One weight matrix of a call: its buffers and scheme, and where its (M, N) result goes.
@@ -267,24 +288,24 @@ struct Weight {
   const uint8_t* q;
   const void* scales;
   const void* mins;
-  bool half, q4;
-  int64_t group, N;
+  bool half;
+  int64_t bits, group, N;
   float zero;
   float* out;
   std::vector<float> xg;  // activation sums per weight group (M, K / group), for the zero and min terms
 };
 
-template <bool Q4, typename S>
+template <int BITS, typename S>
 void weight_rows(const Weight& w, const QuantisedRows& xq, int64_t M, int64_t K, int64_t t0, int64_t t1) {
   const S* scales = static_cast<const S*>(w.scales);
   const S* mins = static_cast<const S*>(w.mins);
   const bool extra = !w.xg.empty();
   for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
     switch (std::min(ROWS, M - m0)) {  // accumulators: 4, 4, 3, 4
-      case 4: rows<1, 4, Q4>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
-      case 3: rows<1, 3, Q4>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
-      case 2: rows<2, 2, Q4>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
-      default: rows<1, 1, Q4>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      case 4: rows<1, 4, BITS>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      case 3: rows<1, 3, BITS>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      case 2: rows<2, 2, BITS>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      default: rows<1, 1, BITS>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
     }
   }
 }
@@ -313,10 +334,16 @@ void run(const float* x, int64_t M, int64_t K, std::vector<Weight>& ws) {
     for (int64_t t0; (t0 = next.fetch_add(TILES_TAKEN)) < ntiles;) {
       for (int64_t t = t0; t < std::min(t0 + TILES_TAKEN, ntiles); ++t) {
         const Weight& w = ws[tiles[t].w];
-        if (w.half && w.q4) weight_rows<true, at::Half>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
-        else if (w.half) weight_rows<false, at::Half>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
-        else if (w.q4) weight_rows<true, float>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
-        else weight_rows<false, float>(w, xq, M, K, tiles[t].t0, tiles[t].t1);
+        const int64_t t0 = tiles[t].t0, t1 = tiles[t].t1;
+        if (w.half) {
+          if (w.bits == 4) weight_rows<4, at::Half>(w, xq, M, K, t0, t1);
+          else if (w.bits == 6) weight_rows<6, at::Half>(w, xq, M, K, t0, t1);
+          else weight_rows<8, at::Half>(w, xq, M, K, t0, t1);
+        } else {
+          if (w.bits == 4) weight_rows<4, float>(w, xq, M, K, t0, t1);
+          else if (w.bits == 6) weight_rows<6, float>(w, xq, M, K, t0, t1);
+          else weight_rows<8, float>(w, xq, M, K, t0, t1);
+        }
       }
     }
   });
@@ -324,33 +351,38 @@ void run(const float* x, int64_t M, int64_t K, std::vector<Weight>& ws) {
 
 }  // namespace
 
-// x: (..., K) float32; per matrix: q (N, K) int8 or (N, K / 2) uint8, scales and mins (N, K / group),
-// group, zero, q4. Returns one (..., N) float32 result per matrix.
+// x: (..., K) float32; per matrix: q (N, K * bits / 8) bytes, scales and mins (N, K / group), group,
+// zero, bits (8, 6 or 4). Returns one (..., N) float32 result per matrix.
 std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::vector<at::Tensor> scales,
                                    std::vector<c10::optional<at::Tensor>> mins, std::vector<int64_t> groups,
-                                   std::vector<double> zeros, std::vector<bool> q4s) {
+                                   std::vector<double> zeros, std::vector<int64_t> bits) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (..., K)");
   const size_t n = qs.size();
-  TORCH_CHECK(scales.size() == n && mins.size() == n && groups.size() == n && zeros.size() == n && q4s.size() == n, "one scheme per matrix");
+  TORCH_CHECK(scales.size() == n && mins.size() == n && groups.size() == n && zeros.size() == n && bits.size() == n, "one scheme per matrix");
   const int64_t K = x.size(-1), M = x.numel() / K;
   std::vector<Weight> ws;
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &q = qs[i], &sc = scales[i];
     const int64_t N = q.size(0), group = groups[i];
-    const bool q4 = q4s[i], has_min = mins[i].has_value() && mins[i]->defined();
+    const int64_t b = bits[i];
+    const bool has_min = mins[i].has_value() && mins[i]->defined();
+    TORCH_CHECK(b == 4 || b == 6 || b == 8, "bits must be 4, 6 or 8");
     TORCH_CHECK(q.is_contiguous() && sc.is_contiguous(), "q and scales must be contiguous");
     TORCH_CHECK(K % QK == 0 && K % group == 0, "K must be a multiple of 32 and of the group");
-    TORCH_CHECK(group % QK == 0 || (group == 16 && !q4 && !has_min && zeros[i] == 0.0), "group must be a multiple of 32 (or 16 for plain int8)");
-    TORCH_CHECK(q.size(1) == (q4 ? K / 2 : K), "q has the wrong row length");
+    TORCH_CHECK(group % QK == 0 || (group == 16 && b != 4 && !has_min && zeros[i] == 0.0),
+                "group must be a multiple of 32 (or 16 for plain 8- or 6-bit q)");
+    TORCH_CHECK(q.size(1) == K * b / 8, "q has the wrong row length");
     TORCH_CHECK(sc.size(0) == N && sc.size(1) == K / group, "scales must be (N, K / group)");
     TORCH_CHECK(sc.scalar_type() == at::kHalf || sc.scalar_type() == at::kFloat, "scales must be float32 or float16");
     if (has_min) TORCH_CHECK(mins[i]->sizes() == sc.sizes() && mins[i]->scalar_type() == sc.scalar_type(), "mins like scales");
     auto shape = x.sizes().vec();
     shape.back() = N;
     outs.push_back(at::empty(shape, x.options()));
+    // load_block's q6 codes are q + 32: from 32 values a group on, the 32 joins the zero's term.
+    const float zero = static_cast<float>(zeros[i]) + (b == 6 && group != 16 ? 32.f : 0.f);
     ws.push_back(Weight{reinterpret_cast<const uint8_t*>(q.data_ptr()), sc.data_ptr(), has_min ? mins[i]->data_ptr() : nullptr,
-                        sc.scalar_type() == at::kHalf, q4, group, N, static_cast<float>(zeros[i]), outs.back().data_ptr<float>(), {}});
+                        sc.scalar_type() == at::kHalf, b, group, N, zero, outs.back().data_ptr<float>(), {}});
   }
   run(x.data_ptr<float>(), M, K, ws);
   return outs;
