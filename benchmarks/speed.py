@@ -3,8 +3,9 @@
     python benchmarks/speed.py [--threads 2] [--engines gemmarun,transformers,llama.cpp]
 
 llama.cpp is measured through llama-cpp-python (`pip install -e '.[bench]'`, it builds from source);
-without it those rows are skipped. The 2B checkpoint and its GGUF copies are made once and cached
-under ~/.cache/gemmarun/bench (about 12 GB).
+without it those rows are skipped. The 2B checkpoint and its GGUF copies (F16, Q8_0 and Q4_0 written
+by gguf-py; Q4_0 as llama.cpp's own quantizer makes it from the F16 file) are made once and cached
+under ~/.cache/gemmarun/bench (about 16 GB).
 """
 from __future__ import annotations
 
