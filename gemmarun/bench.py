@@ -183,7 +183,13 @@ def _gguf_name(gguf_type: str) -> str:
     return f"gemma-2-2b-{gguf_type.replace(' (llama-quantize)', '-llama-quantize')}.gguf"
 
 
-def _llama_quantize(src: Path, path: Path, ftype: str, log) -> Path:
+def _llama_quantize(src: Path, path: Path, ftype: str, log) -> Path | None:
+    """llama.cpp's own quantization of `src`, or None (logged) without llama-cpp-python or on failure."""
+    import importlib.util
+
+    if not path.exists() and importlib.util.find_spec("llama_cpp") is None:
+        log(f"skipping {path.name}: llama-cpp-python is not installed (pip install -e '.[bench]')")
+        return None
     if not path.exists():
         log(f"quantizing {src.name} to {path.name} with llama.cpp (once)")
         code = ("import ctypes, sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
@@ -191,8 +197,9 @@ def _llama_quantize(src: Path, path: Path, ftype: str, log) -> Path:
                 "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")  # fmt: skip
         partial = path.with_suffix(".partial")
         r = subprocess.run([sys.executable, "-c", code, str(src), str(partial)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"llama.cpp could not quantize {src.name}: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        if r.returncode != 0:  # the row is skipped, as a failed measurement is
+            log(f"  skipped: llama.cpp could not quantize {src.name}: {(r.stderr.strip().splitlines() or ['?'])[-1][:160]}")
+            return None
         partial.rename(path)
     return path
 
@@ -238,7 +245,9 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
     for t in gguf_types:
         path = folder / _gguf_name(t)
         if t in LLAMA_QUANTIZE:
-            paths[t] = _llama_quantize(paths["F16"], path, LLAMA_QUANTIZE[t], log)
+            made = _llama_quantize(paths["F16"], path, LLAMA_QUANTIZE[t], log)
+            if made is not None:
+                paths[t] = made
             continue
         if not path.exists():
             from .loader import load_folder_weights
@@ -304,7 +313,8 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
         if "transformers" in engines:
             specs += [("transformers", dict(run, model=hf, dtype="bfloat16")), ("transformers", dict(run, model=hf, dtype="float32"))]
         for t in gguf_types:
-            specs.append(("llama.cpp", dict(run, model=str(files[t]), label=t)))
+            if t in files:
+                specs.append(("llama.cpp", dict(run, model=str(files[t]), label=t)))
         return specs
     if shape is not None:
         raise ValueError(f"unknown shape {shape!r}; the benchmark knows gemma-2-2b")

@@ -13,7 +13,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 import gemmarun
-from gemmarun.bench import _current_layout
+from gemmarun.bench import _current_layout, _llama_quantize
 from gemmarun.cache import KVCache
 from gemmarun.kernels import int4_search_kernel, qlinear_kernel
 from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, pack_q6,
@@ -266,3 +266,11 @@ def test_quantize_command_calibration_options(folder, tmp_path):
                           (("--scheme", "int4", "--calibration", str(text), "--no-calibration"), "not both")]:  # fmt: skip
         r = run(str(tmp_path / "bad"), *args)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_benchmark_llama_quantize_failure_skips_the_row(tmp_path):
+    # without llama-cpp-python, or when llama.cpp cannot read the source, the row is skipped, logged
+    logged = []
+    out = tmp_path / "out.gguf"
+    assert _llama_quantize(tmp_path / "missing.gguf", out, "LLAMA_FTYPE_MOSTLY_Q4_0", logged.append) is None
+    assert not out.exists() and any("skip" in line for line in logged)
