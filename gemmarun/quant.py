@@ -97,7 +97,7 @@ def unpack_q6(b: torch.Tensor) -> torch.Tensor:
     blocks = b.reshape(n, -1, 24)
     nb = blocks.shape[1]
     low = unpack_nibbles(blocks[:, :, :16].reshape(n, nb * 16)).view(n, nb, 32)
-    high = (blocks[:, :, 16:][:, :, HIGH_BYTE] >> HIGH_SHIFT) & 3  # (n, nb, 32)
+    high = (blocks[:, :, 16:][:, :, HIGH_BYTE.to(b.device)] >> HIGH_SHIFT.to(b.device)) & 3  # (n, nb, 32)
     return ((low | (high << 4)).view(torch.int8) - 32).view(n, nb * 32)
 
 
@@ -196,7 +196,7 @@ def dequantize(p: Packed, rows: slice | torch.Tensor = slice(None)) -> torch.Ten
 
 
 def kernel_fits(p: Packed) -> bool:
-    """The kernel works in blocks of 32 inputs, each under one scale (or two, for plain int8 groups of 16)."""
+    """The kernel works in blocks of 32 inputs, each under one scale (or two, for plain 8- or 6-bit groups of 16)."""
     if p.in_features % 32:
         return False
     return p.group % 32 == 0 or (p.group == 16 and p.bits != 4 and p.mins is None and not p.zero)

@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <cstring>
 
 #include "kernels.h"
 #include "simd.h"
@@ -117,7 +118,9 @@ inline void load_block(const uint8_t* wrow, int64_t b, __m256i& w0, __m256i& w1)
     w1 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(8, 8, 12, 12)), nibble);
     if (BITS == 6) {
       const __m256i top = _mm256_set1_epi16(0x0030);
-      __m256i h = _mm256_set1_epi64x(*reinterpret_cast<const int64_t*>(blk + 16));
+      int64_t bits;
+      std::memcpy(&bits, blk + 16, sizeof bits);  // an unaligned 8-byte load, without type punning
+      __m256i h = _mm256_set1_epi64x(bits);
       __m256i h1 = _mm256_blend_epi32(h, _mm256_slli_epi64(h, 4), 0xF0);
       w0 = _mm256_or_si256(w0, _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 2, 4, 6)), top));
       w1 = _mm256_or_si256(w1, _mm256_and_si256(_mm256_srlv_epi64(h1, _mm256_setr_epi64x(8, 10, 0, 2)), top));
