@@ -78,17 +78,22 @@ HIGH_BITS = _high_bit_positions()
 HIGH_BYTE, HIGH_SHIFT = HIGH_BITS // 8, (HIGH_BITS % 8).to(torch.uint8)  # the same as byte, bit
 
 
-def pack_q6(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values -32..31 -> (N, K // 32 * 24) bytes in the q6 layout."""
+def pack_q6(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """(N, K) values -32..31 -> (N, K // 32 * 24) bytes in the q6 layout, `rows` at a time (a
+    256k-row embedding's temporaries would take gigabytes at once)."""
     n, k = q.shape
-    u = ((q.to(torch.int8).view(torch.uint8) & 63) ^ 32).view(n, k // 32, 32)  # q + 32: 6-bit two's complement, bit 5 flipped
-    low = pack_nibbles((u & 15).view(n, k)).view(n, k // 32, 16)
-    # HIGH_BITS by slices, not a gather (3x faster at load): value v = 16 lane + 8 h + 2 i + r has
-    # its bits in byte 2 i + (r xor lane), at bit 2 h + 4 (1 - lane).
-    t = (u >> 4).view(n, k // 32, 2, 2, 4, 2)  # (lane, h, i, r)
-    first = (t[:, :, 0, 0] << 4) | (t[:, :, 0, 1] << 6)  # (n, nb, i, r): lane 0 lands in byte 2 i + r
-    second = (t[:, :, 1, 0] | (t[:, :, 1, 1] << 2)).flip(-1)  # lane 1 in byte 2 i + 1 - r
-    return torch.cat([low, (first | second).view(n, k // 32, 8)], dim=-1).view(n, k // 32 * 24)
+    out = torch.empty(n, k // 32 * 24, dtype=torch.uint8)
+    for r in range(0, n, rows):
+        u = ((q[r : r + rows].to(torch.int8).view(torch.uint8) & 63) ^ 32).view(-1, k // 32, 32)  # q + 32: bit 5 flipped
+        m = u.shape[0]
+        low = pack_nibbles((u & 15).view(m, k)).view(m, k // 32, 16)
+        # HIGH_BITS by slices, not a gather (3x faster at load): value v = 16 lane + 8 h + 2 i + r has
+        # its bits in byte 2 i + (r xor lane), at bit 2 h + 4 (1 - lane).
+        t = (u >> 4).view(m, k // 32, 2, 2, 4, 2)  # (lane, h, i, r)
+        first = (t[:, :, 0, 0] << 4) | (t[:, :, 0, 1] << 6)  # (m, nb, i, r): lane 0 lands in byte 2 i + r
+        second = (t[:, :, 1, 0] | (t[:, :, 1, 1] << 2)).flip(-1)  # lane 1 in byte 2 i + 1 - r
+        out[r : r + m] = torch.cat([low, (first | second).view(m, k // 32, 8)], dim=-1).view(m, k // 32 * 24)
+    return out
 
 
 def unpack_q6(b: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,7 @@ def test_int6_layout_and_error():
     codes = torch.randint(-32, 32, (5, 96), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
     packed = pack_q6(codes)
     assert packed.shape == (5, 72) and torch.equal(unpack_q6(packed), codes)
+    assert torch.equal(pack_q6(codes, rows=2), packed)  # packed in row chunks alike
     one = torch.full((1, 32), -32, dtype=torch.int8)
     one[0, 17] = 31  # value 17's top bits: 64-bit quarter 2 of the odd register, word 0, bit 0
     one[0, 6] = 31  # value 6: quarter 0 of the even register, word 3, bit 4
