@@ -125,21 +125,6 @@ def test_round_trip(tmp_path, arch, qtype):
             assert ((x - w).norm() / w.norm()) < QUANT_TOL[qtype], name
 
 
-def test_embedding_type_of_its_own(tmp_path):
-    config = tiny_config("gemma2")
-    state = random_state(config)
-    path = tmp_path / "mixed.gguf"
-    write_gguf(path, config, state, qtype="Q4_0", embedding_qtype="Q8_0")
-    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
-    assert types.pop("token_embd.weight") == QT.Q8_0
-    assert {t for n, t in types.items() if not n.endswith("norm.weight")} == {QT.Q4_0}
-    _, got, _ = load_gguf(path)
-    w = state["model.embed_tokens.weight"]
-    assert ((got["model.embed_tokens.weight"] - w).norm() / w.norm()) < QUANT_TOL["Q8_0"]
-    with pytest.raises(ConfigError, match="Q6_K"):
-        write_gguf(path, config, state, qtype="Q4_0", embedding_qtype="Q6_K")
-
-
 def test_load_into_bfloat16(tmp_path):
     path, _, state = tiny_file(tmp_path, "gemma3", "Q8_0")
     _, f32, _ = load_gguf(path)

@@ -28,17 +28,12 @@ def write_gguf(
     state_dict: dict[str, torch.Tensor],
     tokenizer_fields: dict | None = None,
     qtype: str = "F32",
-    embedding_qtype: str | None = None,
 ) -> None:
     """Write `state_dict` (Hugging Face names, norms as w) for `config` to a GGUF file at `path`.
-    tokenizer_fields: tokenizer.ggml.* keys to copy in, full ("tokenizer.ggml.tokens") or short ("tokens").
-    embedding_qtype: the tied embedding / output's type when not `qtype` (llama-quantize keeps it
-    at Q6_K or Q8_0 in its 4-bit files)."""
-    for t in (qtype, embedding_qtype or qtype):
-        if t.upper() not in WRITE_TYPES:
-            raise ConfigError(f"cannot write GGUF tensors as {t!r}; choose one of {', '.join(WRITE_TYPES)}")
+    tokenizer_fields: tokenizer.ggml.* keys to copy in, full ("tokenizer.ggml.tokens") or short ("tokens")."""
+    if qtype.upper() not in WRITE_TYPES:
+        raise ConfigError(f"cannot write GGUF tensors as {qtype!r}; choose one of {', '.join(WRITE_TYPES)}")
     qt = QT[qtype.upper()]
-    embedding_qt = QT[(embedding_qtype or qtype).upper()]
     arch = "gemma2" if config.is_gemma2 else "gemma3"
     tensors = _checked_tensors(config, state_dict)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -48,7 +43,7 @@ def write_gguf(
     if tokenizer_fields:
         _write_tokenizer(writer, tokenizer_fields, config)
     for name, tensor in tensors.items():
-        data, raw_type = _encode(name, tensor, embedding_qt if name == "model.embed_tokens.weight" else qt)
+        data, raw_type = _encode(name, tensor, qt)
         writer.add_tensor(gguf_name(name), data, raw_dtype=raw_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
