@@ -187,20 +187,21 @@ def _llama_quantize(src: Path, path: Path, ftype: str, log) -> Path | None:
     """llama.cpp's own quantization of `src`, or None (logged) without llama-cpp-python or on failure."""
     import importlib.util
 
-    if not path.exists() and importlib.util.find_spec("llama_cpp") is None:
+    if path.exists():
+        return path
+    if importlib.util.find_spec("llama_cpp") is None:
         log(f"skipping {path.name}: llama-cpp-python is not installed (pip install -e '.[bench]')")
         return None
-    if not path.exists():
-        log(f"quantizing {src.name} to {path.name} with llama.cpp (once)")
-        code = ("import ctypes, sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
-                f"p.ftype = l.{ftype}; p.nthread = 2; "
-                "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")  # fmt: skip
-        partial = path.with_suffix(".partial")
-        r = subprocess.run([sys.executable, "-c", code, str(src), str(partial)], capture_output=True, text=True)
-        if r.returncode != 0:  # the row is skipped, as a failed measurement is
-            log(f"  skipped: llama.cpp could not quantize {src.name}: {(r.stderr.strip().splitlines() or ['?'])[-1][:160]}")
-            return None
-        partial.rename(path)
+    log(f"quantizing {src.name} to {path.name} with llama.cpp (once)")
+    code = ("import ctypes, sys, llama_cpp as l; p = l.llama_model_quantize_default_params(); "
+            f"p.ftype = l.{ftype}; p.nthread = 2; "
+            "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")  # fmt: skip
+    partial = path.with_suffix(".partial")
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(partial)], capture_output=True, text=True)
+    if r.returncode != 0:  # the row is skipped, as a failed measurement is
+        log(f"  skipped: llama.cpp could not quantize {src.name}: {(r.stderr.strip().splitlines() or ['?'])[-1][:160]}")
+        return None
+    partial.rename(path)
     return path
 
 
@@ -265,10 +266,10 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
     for scheme in schemes:
         path = folder / f"gemma-2-2b-{scheme}"
         if not (path / "model.safetensors").exists() or not _current_layout(path, scheme):
+            import shutil
+
             from .lm import load
             from .quant import save_quantized
-
-            import shutil
 
             log(f"writing {path.name} (once)")
             shutil.rmtree(path.with_suffix(".partial"), ignore_errors=True)

@@ -55,7 +55,7 @@ def importance(lm, text: str | None = None, tokens: int = DEFAULT_TOKENS) -> dic
             for s in range(0, len(ids), WINDOW - 1):
                 chunk = [lm.tokenizer.bos_id] + ids[s : s + WINDOW - 1]
                 t = len(chunk)
-                # Only the last position's logits: the LM head's input needs no importance (int8).
+                # Only the last position's logits: the LM head's 6-bit rounding takes no importance.
                 model(torch.tensor([chunk], device=device), torch.arange(t, device=device)[None],
                       select=torch.tensor([t - 1], device=device))  # fmt: skip
     finally:

@@ -122,10 +122,11 @@ def quantize_int6(w: torch.Tensor, group: int = 32) -> Packed:
     q = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n, k // group, dtype=torch.float16)
     for r in range(0, n, 4096):  # float32 copies of a 256k-row embedding would take gigabytes
-        g = w[r : r + 4096].float().reshape(-1, k // group, group)
-        scale[r : r + 4096] = (g.abs().amax(-1) / 31).half()
-        s = scale[r : r + 4096].float().unsqueeze(-1)
-        q[r : r + 4096] = torch.round(g / torch.where(s == 0, 1.0, s)).clamp_(-32, 31).view(-1, k)
+        rows = slice(r, r + 4096)
+        g = w[rows].float().reshape(-1, k // group, group)
+        scale[rows] = (g.abs().amax(-1) / 31).half()
+        s = scale[rows].float().unsqueeze(-1)
+        q[rows] = torch.round(g / torch.where(s == 0, 1.0, s)).clamp_(-32, 31).view(-1, k)
     return Packed(q=pack_q6(q), scales=scale, mins=None, group=group, zero=0.0, bits=6)
 
 

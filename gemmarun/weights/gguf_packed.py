@@ -3,7 +3,8 @@
 Every value keeps exactly the codes, scales and mins of its block; only the layout changes:
 Q8_0, Q4_0, Q4_1 keep their size; Q5_0/Q5_1/Q5_K/Q6_K codes widen to int8 (the 6-bit layout
 would be smaller, but on the 270M's 640-wide matrices its unpacking cost more than the bytes
-saved: decode 45 -> 41 tok/s, prefill 240 -> 180); K-quants keep float32 sub-block scales. Types without a mapping here (Q2_K, Q3_K, floats) are decoded densely.
+saved: decode 45 -> 41 tok/s, prefill 240 -> 180); K-quants keep float32 sub-block scales.
+Types without a mapping here (Q2_K, Q3_K, floats) are decoded densely.
 """
 from __future__ import annotations
 
