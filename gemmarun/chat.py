@@ -12,6 +12,7 @@ import torch
 
 from .cache import KVCache
 from .errors import ContextLengthError, GemmarunError, InvalidParameterError
+from .generate import PREFILL_CHUNK
 from .sampling import SamplingParams, sample_one
 from .tokenizer import _chat_turns
 
@@ -62,7 +63,7 @@ class ChatSession:
     """
 
     def __init__(self, lm, system: str | None = None, params: SamplingParams | None = None,
-                 notify: Callable[[str], None] | None = None, prefill_chunk: int = 512):  # fmt: skip
+                 notify: Callable[[str], None] | None = None, prefill_chunk: int = PREFILL_CHUNK):  # fmt: skip
         self.lm = lm
         self.system = system
         self.params = params or SamplingParams(max_new_tokens=512)

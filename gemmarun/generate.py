@@ -98,10 +98,16 @@ class SequenceState:
         )
 
 
+# Prompt tokens per prefill forward. 128 rows keep the matrix kernels as fast as 512 did on the
+# 2B shape (int8, int4, bf16) and the 270M, and hold a quarter of the activations: the 2B int8
+# peak RSS fell from 3042 to 2934 MB at a 512-token prompt.
+PREFILL_CHUNK = 128
+
+
 class Generator:
     """Runs a batch of prompts to completion, yielding text events after every decode step."""
 
-    def __init__(self, model: Gemma, tokenizer, context: int, prefill_chunk: int = 512):
+    def __init__(self, model: Gemma, tokenizer, context: int, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
         self.tokenizer = tokenizer
         self.context = context

@@ -86,9 +86,10 @@ def test_long_prompt_prefill_in_chunks(pair):
     _, lm = pair
     ids = torch.randint(3, lm.config.vocab_size, (SEQ,), generator=torch.Generator().manual_seed(3)).tolist()
     whole = lm.generate(ids, max_new_tokens=8, ignore_eos=True)
+    default = lm.generator.prefill_chunk
     lm.generator.prefill_chunk = 6
     try:
         chunked = lm.generate(ids, max_new_tokens=8, ignore_eos=True)
     finally:
-        lm.generator.prefill_chunk = 512
+        lm.generator.prefill_chunk = default
     assert chunked.token_ids == whole.token_ids
