@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -257,16 +258,16 @@ def _gguf_fields_from_spm(model_path: Path) -> dict:
     }
 
 
-def test_proto_writer_parses_back():
+@pytest.mark.parametrize("longest", [200, 118])  # pieces of 119+ bytes take the per-piece path, the rest numpy's
+def test_proto_writer_parses_back(longest):
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    pieces = ["<unk>", "a" * 200, "\u2581\u2581", "b" * 118, "c" * 119, "日本"]
-    blob = _sentencepiece_proto(pieces, [0.0, -1.5, -1000.0, 1.0, 2.0, -3.25], [2, 1, 4, 1, 1, 1], 0, False, b"xyz")
+    pieces = ["<unk>", "a" * longest, "\u2581\u2581", "b" * 118, "c" * (longest - 81), "日本", "é" * 59]
+    scores, types = [0.0, -1.5, -1000.0, 1.0, 2.0, -3.25, 0.1], [2, 1, 4, 1, 1, 1, 6]
+    blob = _sentencepiece_proto(pieces, scores, types, 0, False, b"xyz")
     proto = pb.ModelProto()
     proto.ParseFromString(blob)
-    assert [(p.piece, p.score, p.type) for p in proto.pieces] == list(
-        zip(pieces, [0.0, -1.5, -1000.0, 1.0, 2.0, -3.25], [2, 1, 4, 1, 1, 1])
-    )
+    assert [(p.piece, p.score, p.type) for p in proto.pieces] == list(zip(pieces, np.float32(scores).tolist(), types))
     assert proto.trainer_spec.model_type == pb.TrainerSpec.BPE and proto.trainer_spec.byte_fallback
     n = proto.normalizer_spec
     assert (n.name, n.precompiled_charsmap, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces) == (
