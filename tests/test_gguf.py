@@ -159,6 +159,8 @@ def test_metadata_matches_gguf_reader(tmp_path):
         mine = f.tensors[t.name]
         assert mine.ggml_type == t.tensor_type and mine.shape == tuple(reversed(t.shape.tolist()))
         assert np.array_equal(mine.data.numpy(), t.data.reshape(-1).view(np.uint8))
+        f.drop_pages(mine)  # the pages go back to the OS; reading them again gets the file's bytes
+        assert np.array_equal(mine.data.numpy(), t.data.reshape(-1).view(np.uint8))
     # <end_of_turn> becomes an extra stop id, as in the HF configs
     assert load_gguf(path)[0] == config.replace(extra_eos_token_ids=(7,))
 

@@ -36,6 +36,7 @@ class GGUFTensor:
     ggml_type: int  # gguf.GGMLQuantizationType value
     shape: tuple[int, ...]  # torch order: ggml's ne reversed, so a linear weight is (out, in)
     data: torch.Tensor  # uint8 bytes, memory-mapped from the file
+    offset: int | None = None  # where `data` starts in the file
 
     @property
     def type_name(self) -> str:
@@ -48,10 +49,20 @@ class GGUFFile:
     version: int
     metadata: dict  # plain Python values; float32 scalars as their shortest decimal (1e-06, not 9.99...e-07)
     tensors: dict[str, GGUFTensor]  # in file order
+    buf: mmap.mmap | None = None  # the map the tensors' bytes live in
 
     @property
     def architecture(self) -> str | None:
         return self.metadata.get("general.architecture")
+
+    def drop_pages(self, t: GGUFTensor) -> None:
+        """Give a tensor's pages back to the OS once it is decoded or repacked: read pages of the map
+        otherwise count in RSS until it closes, a second copy of the weights at the peak (the 270M's
+        load: 835 -> 604 MB). Touching them again re-reads the file; the map is never written."""
+        if self.buf is None or t.offset is None or not t.data.numel() or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.offset - t.offset % mmap.PAGESIZE
+        self.buf.madvise(mmap.MADV_DONTNEED, start, t.offset + t.data.numel() - start)
 
 
 class _Cursor:
@@ -150,8 +161,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if name in tensors:
             raise CheckpointError(f"{path} holds tensor {name} twice; the file is corrupt")
         data = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=start) if nbytes else torch.empty(0, dtype=torch.uint8)
-        tensors[name] = GGUFTensor(name, ggml_type, tuple(reversed(ne)), data)
-    return GGUFFile(path, version, metadata, tensors)
+        tensors[name] = GGUFTensor(name, ggml_type, tuple(reversed(ne)), data, start)
+    return GGUFFile(path, version, metadata, tensors, buf)
 
 
 def _nbytes(path: Path, name: str, ne: list[int], ggml_type: int) -> int:
@@ -562,6 +573,7 @@ def load_gguf(
         else:
             state[name] = torch.empty(t.shape, dtype=dtype)
             _decode_into(t.data, qt, state[name].view(-1))
+        f.drop_pages(t)
     missing = [gguf_name(n) for n in shapes if n not in state and n != "lm_head.weight"]
     if missing:
         raise CheckpointError(f"{f.path} lacks {len(missing)} tensor(s) this config needs, e.g. {', '.join(missing[:3])}")
