@@ -12,7 +12,7 @@ import torch
 
 from .cache import KVCache
 from .errors import ContextLengthError, GemmarunError, InvalidParameterError
-from .generate import PREFILL_CHUNK
+from .generate import prefill_chunk_for
 from .sampling import SamplingParams, sample_one
 from .tokenizer import _chat_turns
 
@@ -63,12 +63,12 @@ class ChatSession:
     """
 
     def __init__(self, lm, system: str | None = None, params: SamplingParams | None = None,
-                 notify: Callable[[str], None] | None = None, prefill_chunk: int = PREFILL_CHUNK):  # fmt: skip
+                 notify: Callable[[str], None] | None = None, prefill_chunk: int | None = None):  # fmt: skip
         self.lm = lm
         self.system = system
         self.params = params or SamplingParams(max_new_tokens=512)
         self.notify = notify or (lambda message: None)
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk or prefill_chunk_for(lm.model)
         self.cache = KVCache(lm.config, 1, lm.context, lm.model.dtype, lm.model.device)
         self.reset()
 

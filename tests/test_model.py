@@ -82,6 +82,13 @@ def test_batched_generation_equals_one_by_one(pair):
         assert b.text == single.text
 
 
+def test_prefill_chunk_follows_the_weights(pair):
+    _, lm = pair
+    assert lm.generator.prefill_chunk == 512  # dense float32: PyTorch's GEMM gains from long chunks
+    assert gemmarun.load(lm.source, quantize="int8").generator.prefill_chunk == 128
+    assert gemmarun.load(lm.source, dtype="bfloat16").generator.prefill_chunk == 128
+
+
 def test_long_prompt_prefill_in_chunks(pair):
     _, lm = pair
     ids = torch.randint(3, lm.config.vocab_size, (SEQ,), generator=torch.Generator().manual_seed(3)).tolist()
