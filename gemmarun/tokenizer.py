@@ -288,9 +288,17 @@ class Tokenizer:
             raise ConfigError(f"GGUF tokenizer model {model!r} is not supported (Gemma uses 'llama')")
         # numpy over the arrays: a Gemma vocabulary has 262144 pieces, and loops over them cost
         # tenths of a second at every load.
-        pieces = list(map(str, need("tokenizer.ggml.tokens")))
-        scores = np.asarray(need("tokenizer.ggml.scores"), np.float32)
-        types = np.asarray(need("tokenizer.ggml.token_type"), np.int64)
+        arrays = [need(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type")]
+        try:
+            if not all(isinstance(a, (list, tuple)) for a in arrays):
+                raise TypeError("not arrays")
+            pieces = list(map(str, arrays[0]))
+            scores, types = np.asarray(arrays[1], np.float32), np.asarray(arrays[2], np.int64)
+            if scores.ndim != 1 or types.ndim != 1:
+                raise TypeError("nested arrays")
+        except (TypeError, ValueError):
+            raise CheckpointError("GGUF tokenizer tokens, scores and token_type must be arrays of strings, "
+                                  "floats and integers; the file is corrupt") from None
         types[types == 0] = _NORMAL  # 0 is llama.cpp's "undefined"
         if not (len(pieces) == len(scores) == len(types)):
             raise CheckpointError(

@@ -298,6 +298,11 @@ def test_gguf_fields_errors(tiny_model):
     with pytest.raises(CheckpointError) as e:
         Tokenizer.from_gguf_fields({**fields, "tokenizer.ggml.tokens": dup})
     _one_line_error(e)
+    n = len(fields["tokenizer.ggml.scores"])
+    for key, bad in [("scores", 3.0), ("scores", ["x"] * n), ("token_type", [[1]] * n), ("token_type", [1] * (n - 1) + [9])]:
+        with pytest.raises(CheckpointError) as e:  # corrupt arrays: one line, never a numpy traceback
+            Tokenizer.from_gguf_fields({**fields, f"tokenizer.ggml.{key}": bad})
+        _one_line_error(e)
 
 
 # --------------------------------------------------------------------------------------------
