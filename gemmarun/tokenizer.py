@@ -116,7 +116,7 @@ def _pieces_any(raw: list[bytes], scores: list[float], types: list[int]) -> byte
 def _pieces_short(raw: list[bytes], scores: list[float], types: list[int]) -> bytes:
     """_pieces_any for pieces under 119 bytes, whose lengths all fit one-byte varints, laid out
     with numpy: 0a (L+9) 0a L piece 15 score(4) 18 type, L + 11 bytes a piece. A Gemma vocabulary
-    has 262144 pieces; a Python loop over them took 0.4 s of every load."""
+    has 262144 pieces; the per-piece loop took 0.24 s of every load, this 0.12."""
     n = np.fromiter(map(len, raw), np.int64, len(raw))  # (P,)
     start = np.cumsum(n + 11) - (n + 11)  # (P,) where each record begins
     out = np.empty(int((n + 11).sum()), np.uint8)
@@ -305,8 +305,9 @@ class Tokenizer:
                 f"GGUF tokenizer arrays differ in length: "
                 f"{len(pieces)} tokens, {len(scores)} scores, {len(types)} types"
             )
-        if len(types) and (types.min() < 0 or types.max() > _BYTE):
-            raise CheckpointError(f"GGUF token_type holds unknown type {types.max() if types.max() > _BYTE else types.min()}")
+        unknown = types[(types < 0) | (types > _BYTE)]
+        if len(unknown):
+            raise CheckpointError(f"GGUF token_type holds unknown type {unknown[0]}")
 
         def special_id(key: str) -> int | None:
             i = fields.get(f"tokenizer.ggml.{key}_token_id")

@@ -58,7 +58,7 @@ class GGUFFile:
     def drop_pages(self, t: GGUFTensor) -> None:
         """Give a tensor's pages back to the OS once it is decoded or repacked: read pages of the map
         otherwise count in RSS until it closes, a second copy of the weights at the peak (the 270M's
-        load: 835 -> 604 MB). Touching them again re-reads the file; the map is never written."""
+        load: peak 835 -> 664 MB). Touching them again re-reads the file; the map is never written."""
         if self.buf is None or t.offset is None or not t.data.numel() or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = t.offset - t.offset % mmap.PAGESIZE
