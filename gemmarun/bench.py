@@ -66,11 +66,15 @@ def run_gemmarun(spec: dict) -> Measurement:
     from gemmarun.quant import packed_bytes
 
     t = time.perf_counter()
-    lm = gemmarun.load(spec["model"], dtype=spec.get("dtype"), quantize=spec.get("quantize"), context=spec["context"])
+    lm = gemmarun.load(spec["model"], dtype=spec.get("dtype"), quantize=spec.get("quantize"), context=spec["context"],
+                       compile=spec.get("compile", False))  # fmt: skip
     load_s = time.perf_counter() - t
     vocab = lm.config.vocab_size
     long = _ids(spec["prefill"], vocab, 1)
+    t = time.perf_counter()
     lm.generate(long[:16], max_new_tokens=2, ignore_eos=True)  # warm up the kernels and caches
+    if spec.get("compile"):
+        load_s += time.perf_counter() - t  # compiling is part of getting ready (the decode run below reuses the graph)
     t = time.perf_counter()
     lm.generate(long, max_new_tokens=1, ignore_eos=True)
     prefill = len(long) / (time.perf_counter() - t)
@@ -296,9 +300,13 @@ def run_suite(specs: list[tuple[str, dict]], threads: int, log=print) -> tuple[l
     return rows, bandwidth
 
 
-def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: int, decode: int, cache: Path, log=print):
-    """The engine runs of one suite: the gemma-2-2b shape, or one model file against llama.cpp."""
+def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: int, decode: int, cache: Path, log=print,
+              compile: bool = False):  # fmt: skip
+    """The engine runs of one suite: the gemma-2-2b shape, or one model file against llama.cpp.
+    compile adds gemmarun in bfloat16 decoding through torch.compile (dense weights only; a packed
+    file is decoded to bfloat16 for it)."""
     run = dict(prefill=prefill, decode=decode, context=max(prefill, 32 + decode) + 8)
+    compiled = dict(dtype="bfloat16", quantize="none", compile=True, label="bfloat16 compiled")
     specs = []
     if shape == "gemma-2-2b":
         # Q4_0 from gguf-py: every matrix at Q4_0; llama-quantize's Q4_0 keeps the tied embedding / LM
@@ -311,6 +319,8 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
             specs += [("gemmarun", dict(run, model=hf, dtype="float32")), ("gemmarun", dict(run, model=hf, dtype="bfloat16")),
                       ("gemmarun", dict(run, model=str(files["int8"]), label="int8")),
                       ("gemmarun", dict(run, model=str(files["int4"]), label="int4 g32"))]  # fmt: skip
+            if compile:
+                specs.insert(2, ("gemmarun", dict(run, model=hf, **compiled)))
         if "transformers" in engines:
             specs += [("transformers", dict(run, model=hf, dtype="bfloat16")), ("transformers", dict(run, model=hf, dtype="float32"))]
         for t in gguf_types:
@@ -324,17 +334,21 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
     path = resolve(model)
     if "gemmarun" in engines:
         specs.append(("gemmarun", dict(run, model=str(path), label="as stored" if path.suffix == ".gguf" else None)))
+        if compile:  # beside its eager twin, which a packed file's own row is not
+            specs.append(("gemmarun", dict(run, model=str(path), dtype="bfloat16", quantize="none", label="bfloat16")))
+            specs.append(("gemmarun", dict(run, model=str(path), **compiled)))
     if "llama.cpp" in engines and path.suffix == ".gguf":
         specs.append(("llama.cpp", dict(run, model=str(path), label=path.name)))
     return specs
 
 
-def report(title: str, shape: str | None, model: str | None, engines: set[str], threads: int, prefill: int, decode: int) -> str:
+def report(title: str, shape: str | None, model: str | None, engines: set[str], threads: int, prefill: int, decode: int,
+           compile: bool = False) -> str:  # fmt: skip
     """Run one suite and return its markdown section (progress goes to stderr)."""
     from .default_model import cache_dir
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    specs = specs_for(shape, model, engines, prefill, decode, cache_dir() / "bench", log)
+    specs = specs_for(shape, model, engines, prefill, decode, cache_dir() / "bench", log, compile)
     rows, bandwidth = run_suite(specs, threads, log)
     base = next((m for m in rows if m.engine == "transformers" and m.weights == "bfloat16"), None)
     return (f"### {title}\nmemory read bandwidth {bandwidth:.1f} GB/s, {threads} threads; prefill {prefill} tokens; "

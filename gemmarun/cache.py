@@ -27,8 +27,12 @@ class AttnPlan:
 class KVCache:
     """Per-layer K/V buffers of shape (B, Hkv, S + 1, D), S = context (global) or window (sliding)."""
 
-    def __init__(self, config: GemmaConfig, batch_size: int, context: int, dtype: torch.dtype, device="cpu"):
+    def __init__(self, config: GemmaConfig, batch_size: int, context: int, dtype: torch.dtype, device="cpu",
+                 static: bool = False):  # fmt: skip
         self.config = config
+        # static: decoding steps attend over whole buffers, so no shape depends on the positions and
+        # torch.compile traces one graph per (batch, context); see plan_static.
+        self.static = static
         self.batch_size = batch_size
         self.context = context
         window = min(config.sliding_window, context)
@@ -60,7 +64,7 @@ class KVCache:
         padding of every other row. `filled` is the view's own, read from its position table.
         """
         view = object.__new__(KVCache)
-        view.config, view.context, view.size = self.config, self.context, self.size
+        view.config, view.context, view.size, view.static = self.config, self.context, self.size, self.static
         view.batch_size = stop - start
         view.k = [t[start:stop] for t in self.k]
         view.v = [t[start:stop] for t in self.v]
@@ -70,6 +74,8 @@ class KVCache:
 
     def plan(self, positions: torch.Tensor) -> dict[str, AttnPlan]:
         """Build both kinds' write slots and masks for `positions` (B, T; -1 = padding), then record them."""
+        if self.static and positions.shape[1] == 1:
+            return self.plan_static(positions)
         cfg = self.config
         valid = positions >= 0
         plans = {}
@@ -112,6 +118,27 @@ class KVCache:
                 pos_table.scatter_(1, slots, torch.where(valid, positions, -1))
                 pos_table[:, size] = -1
         self.filled = max(self.filled, int(positions.max()) + 1)
+        return plans
+
+    def plan_static(self, positions: torch.Tensor) -> dict[str, AttnPlan]:
+        """plan() for one token per row with no int() of a tensor and no shape that depends on the
+        positions: torch.compile traces it into the decoding step. Masks span whole buffers (the
+        unwritten slots hold position -1 and are masked), and `filled` stays as prefill left it:
+        positions only grow, so the next prefill's own maximum covers these steps."""
+        valid = positions >= 0
+        q = positions[:, None, :, None]  # (B, 1, 1, 1)
+        plans = {}
+        for kind, size in self.size.items():
+            sliding = kind == "sliding"
+            table = self.pos[kind]
+            slots = torch.where(valid, positions % size if sliding else positions, size)
+            table.scatter_(1, slots, torch.where(valid, positions, -1))
+            table[:, size] = -1
+            k = table[:, None, None, :]  # (B, 1, 1, S + 1)
+            mask = (k >= 0) & (k <= q)
+            if sliding:
+                mask &= q - k < self.config.sliding_window
+            plans[kind] = AttnPlan(slots=slots, mask=mask, concat=False, end=size + 1)
         return plans
 
     def update(self, layer: int, plan: AttnPlan, k: torch.Tensor, v: torch.Tensor):

@@ -59,7 +59,8 @@ def _load(args):
             raise GemmarunError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return load(args.model, dtype=args.dtype, device=args.device, context=args.context, quantize=args.quantize,
-                group_size=args.group_size, **getattr(args, "calibration_kwargs", {}))  # fmt: skip
+                group_size=args.group_size, compile=getattr(args, "compile", False),
+                **getattr(args, "calibration_kwargs", {}))  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -140,7 +141,7 @@ def cmd_bench(args) -> int:
         raise GemmarunError(f"unknown engine(s) {', '.join(sorted(unknown))}; choose from gemmarun, transformers, llama.cpp")
     title = args.shape or args.model or "default model"
     try:
-        print(report(title, args.shape, args.model, engines, args.threads, args.prefill, args.decode))
+        print(report(title, args.shape, args.model, engines, args.threads, args.prefill, args.decode, args.compile))
     except ValueError as e:
         raise GemmarunError(str(e)) from None
     return 0
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="prompt text (else --prompt or stdin)")
     g.add_argument("--prompt", "-p", help="prompt text")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    g.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile with a static cache (dense weights: --quantize none or a "
+                        "float checkpoint; the first step compiles for a minute or more)")  # fmt: skip
     _add_model_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
@@ -266,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill figure")
     b.add_argument("--decode", type=int, default=128, help="tokens decoded for the decode figure")
+    b.add_argument("--compile", action="store_true", help="add a gemmarun bfloat16 row decoding through torch.compile")
     b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="list the models available locally")

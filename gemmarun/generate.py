@@ -1,6 +1,8 @@
 """Generator: batched prefill, one-position decode steps, stop handling and text events."""
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -107,14 +109,22 @@ def prefill_chunk_for(model: Gemma) -> int:
     return 512 if dense32 else 128
 
 
+def static_context(needed: int, context: int) -> int:
+    """Cache length of a compiled run: a power of two from 256, so requests of similar length share
+    one compiled graph (each new length costs a compile; decoding attends over the whole buffer)."""
+    return min(context, max(256, 1 << (needed - 1).bit_length()))
+
+
 class Generator:
     """Runs a batch of prompts to completion, yielding text events after every decode step."""
 
-    def __init__(self, model: Gemma, tokenizer, context: int, prefill_chunk: int | None = None):
+    def __init__(self, model: Gemma, tokenizer, context: int, prefill_chunk: int | None = None, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.context = context
         self.prefill_chunk = prefill_chunk or prefill_chunk_for(model)
+        self.compile = compile
+        self._compiled = None  # the torch.compile'd model, made on the first compiled decoding step
 
     def check_prompt(self, prompt: Sequence[int]) -> None:
         if len(prompt) == 0:
@@ -159,8 +169,12 @@ class Generator:
         b = len(seqs)
         if b == 0:
             return
-        size = max(len(s.prompt) + s.max_new for s in seqs)
-        cache = KVCache(model.config, b, min(size, self.context), model.dtype, model.device)
+        size = min(max(len(s.prompt) + s.max_new for s in seqs), self.context)
+        if self.compile:
+            cache = KVCache(model.config, b, static_context(size, self.context), model.dtype, model.device, static=True)
+        else:
+            cache = KVCache(model.config, b, size, model.dtype, model.device)
+        step = self._compiled_step if self.compile else model
         with torch.inference_mode():
             logits = self._prefill(seqs, cache)  # (B, V)
         prompts = [torch.tensor(s.prompt) for s in seqs]
@@ -182,8 +196,23 @@ class Generator:
             tokens = torch.tensor(next_ids, device=model.device)[:, None]
             pos = torch.where(done, -1, positions)[:, None].to(model.device)  # finished rows idle as padding
             with torch.inference_mode():
-                logits = model(tokens, pos, cache, select=torch.zeros(b, dtype=torch.long, device=model.device))
+                logits = step(tokens, pos, cache, select=torch.zeros(b, dtype=torch.long, device=model.device))
             positions += 1
+
+    def _compiled_step(self, tokens, positions, cache, select):
+        """A decoding step through torch.compile (one graph per batch size and cache length). If
+        compiling fails (no C++ compiler for inductor, say) the run goes on in eager mode."""
+        if self._compiled is None:
+            print("gemmarun: compiling the decoding step (torch.compile, a minute or more per batch size "
+                  "and cache length)", file=sys.stderr, flush=True)  # fmt: skip
+            self._compiled = torch.compile(self.model, fullgraph=True, dynamic=False)
+        if self._compiled is not False:
+            try:
+                return self._compiled(tokens, positions, cache, select=select)
+            except Exception as e:  # inductor raises its own types; the eager step below re-raises real errors
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); decoding without it")
+                self._compiled = False
+        return self.model(tokens, positions, cache, select=select)
 
     def _prefill(self, seqs: list[SequenceState], cache: KVCache) -> torch.Tensor:
         """Right-padded chunked prefill; returns each row's logits at its last prompt token."""

@@ -17,7 +17,7 @@ Prompt = str | Sequence[int]
 class LanguageModel:
     """A loaded model with its tokenizer; what gemmarun.load() returns."""
 
-    def __init__(self, model, tokenizer, config, source: str, context: int | None = None):
+    def __init__(self, model, tokenizer, config, source: str, context: int | None = None, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -28,7 +28,12 @@ class LanguageModel:
         if context is not None and context > limit:
             raise ContextLengthError(f"context {context} exceeds the model's limit of {limit} tokens")
         self.context = context or limit
-        self.generator = Generator(model, tokenizer, self.context)
+        if compile and model.decode_stack():
+            raise InvalidParameterError(
+                "compile applies to models that decode through PyTorch; this one's packed or quantised weights "
+                "decode in gemmarun's C++ kernels already (load with quantize='none' / --quantize none to compile)"
+            )
+        self.generator = Generator(model, tokenizer, self.context, compile=compile)
 
     def __repr__(self) -> str:
         c = self.config
@@ -100,6 +105,7 @@ def load(
     group_size: int = 32,
     calibration: str | bool | None = None,
     calibration_tokens: int = 2048,
+    compile: bool = False,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file, a Hugging Face repo id (from the local cache) or,
     with no argument, the default Gemma 3 270M model.
@@ -109,7 +115,9 @@ def load(
     a packed file to dense `dtype` weights.
     calibration (int4 only): a text, or True for the built-in one, whose first `calibration_tokens`
     tokens' activations weight the rounding (see gemmarun/calibrate.py). The model is loaded dense
-    in float32 first to run them."""
+    in float32 first to run them.
+    compile: decode through torch.compile with a static cache (dense models: dtype float32 or
+    bfloat16, or quantize='none'); generate() and stream() use it, chat and the server do not."""
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype, device)
     if group_size not in (32, 64, 128):
@@ -136,7 +144,7 @@ def load(
         for p in model.parameters():  # the norms, still float32
             p.data = p.data.to(torch_dtype)
     warn_dtype(config, torch_dtype)
-    return LanguageModel(model, tokenizer, config, str(path), context)
+    return LanguageModel(model, tokenizer, config, str(path), context, compile=compile)
 
 
 class TextGenerationPipeline:

@@ -264,7 +264,8 @@ class Gemma(nn.Module):
         cos_g, sin_g = self.rope_global.cos_sin(positions, dtype)
         cos_l, sin_l = self.rope_local.cos_sin(positions, dtype)
         b, t = tokens.shape
-        if t == 1 and cache is not None and not plans["sliding"].concat and self.decode_stack():
+        stack = not torch.compiler.is_compiling() and t == 1 and cache is not None and not plans["sliding"].concat
+        if stack and self.decode_stack():
             g, s = plans["global"], plans["sliding"]
             x = self._stack.forward(x.view(b, -1), cache.k, cache.v, cos_g.view(b, -1), sin_g.view(b, -1), g.slots.view(b),
                                     g.mask.view(b, -1), cos_l.view(b, -1), sin_l.view(b, -1), s.slots.view(b), s.mask.view(b, -1))

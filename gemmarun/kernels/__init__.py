@@ -56,6 +56,8 @@ def _module():
 
 
 def _entry(name: str):
+    if torch.compiler.is_compiling():  # torch.compile cannot trace into the extension: it compiles the portable path
+        return None
     m = _module()
     return getattr(m, name) if m is not None else None
 
