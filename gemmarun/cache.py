@@ -21,7 +21,8 @@ class AttnPlan:
     slots: torch.Tensor  # (B, T) slot each new token is written to; the trash slot for padding
     mask: torch.Tensor  # (B, 1, T, S) True where a query may see a key
     concat: bool  # keys are [cache before this call] + [this call's keys] (sliding prefill)
-    end: int  # attend over buffer slots [:end] (global layers only need the filled prefix)
+    end: int  # attend over buffer slots [:end] (global layers only need the filled prefix); with
+    # concat, the slots of the cache as it was that come before this call's keys
 
 
 class KVCache:
@@ -77,6 +78,8 @@ class KVCache:
         if self.static and positions.shape[1] == 1:
             return self.plan_static(positions)
         cfg = self.config
+        if self.static:  # its decoding steps left `filled` behind (plan_static cannot advance it)
+            self.filled = int(self.pos["global"].max()) + 1
         valid = positions >= 0
         plans = {}
         for kind, size in self.size.items():
@@ -96,13 +99,15 @@ class KVCache:
             q = positions[:, None, :, None]  # (B, 1, T, 1)
             if concat:
                 # Attend to the cache as it was plus this chunk, since the chunk overwrites ring slots
-                # that its own earlier queries still need.
-                kpos = torch.cat([pos_table, torch.where(valid, positions, -1)], dim=1)
+                # that its own earlier queries still need. A ring that has not wrapped holds keys in
+                # slots [0, filled) only: a first chunk attends to itself, not to a window of empties.
+                prefix = self.filled if self.filled <= size else size + 1
+                kpos = torch.cat([pos_table[:, :prefix], torch.where(valid, positions, -1)], dim=1)
             else:
                 pos_table.scatter_(1, slots, torch.where(valid, positions, -1))
                 pos_table[:, size] = -1  # the trash slot never holds a visible key
                 kpos = pos_table
-            end = kpos.shape[1]
+            end = prefix if concat else kpos.shape[1]
             filled = max(self.filled, int(positions.max()) + 1)
             # Global slots are positions, so only the filled prefix matters; a ring that has not
             # wrapped yet holds keys in slots [0, filled) only, so short sequences skip the rest.
@@ -123,8 +128,8 @@ class KVCache:
     def plan_static(self, positions: torch.Tensor) -> dict[str, AttnPlan]:
         """plan() for one token per row with no int() of a tensor and no shape that depends on the
         positions: torch.compile traces it into the decoding step. Masks span whole buffers (the
-        unwritten slots hold position -1 and are masked), and `filled` stays as prefill left it:
-        positions only grow, so the next prefill's own maximum covers these steps."""
+        unwritten slots hold position -1 and are masked), and `filled` stays behind: plan() reads it
+        back from the position table."""
         valid = positions >= 0
         q = positions[:, None, :, None]  # (B, 1, 1, 1)
         plans = {}
@@ -146,8 +151,8 @@ class KVCache:
         kc, vc = self.k[layer], self.v[layer]
         idx = plan.slots[:, None, :, None].expand_as(k)
         if plan.concat:
-            keys = torch.cat([kc, k], dim=2)
-            values = torch.cat([vc, v], dim=2)
+            keys = torch.cat([kc[:, :, : plan.end], k], dim=2)
+            values = torch.cat([vc[:, :, : plan.end], v], dim=2)
             kc.scatter_(2, idx, k)
             vc.scatter_(2, idx, v)
             return keys, values
