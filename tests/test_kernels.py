@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmarun.kernels import geglu_kernel, int4_search_kernel, rms_norm_kernel
+from gemmarun.kernels import attention_kernel, geglu_kernel, int4_search_kernel, rms_norm_kernel
+from gemmarun.model import apply_rope
 from gemmarun.quant import int4_search
 
 pytestmark = pytest.mark.skipif(geglu_kernel() is None, reason="no AVX2 kernels on this machine: the torch path runs")
@@ -29,6 +30,49 @@ def test_rms_norm_with_residual():
     ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w.double())
     assert (rms_norm_kernel()(x, w, 1e-6).double() - ref).abs().max().item() < 1e-5
     assert (rms_norm_kernel()(x, w, 1e-6, r).double() - (ref + r.double())).abs().max().item() < 1e-5
+
+
+def _attention_float64(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap):
+    """The same step in float64 torch ops: rope, cache write, scores over slots [0, E), soft-cap, mask, softmax."""
+    b, h, d = q.shape
+    hkv, e = k.shape[1], mask.shape[1]
+    kc, vc = kc.double().clone(), vc.double().clone()
+    cos, sin = cos.double()[:, None], sin.double()[:, None]
+    for r in range(b):
+        kc[r, :, slots[r]] = apply_rope(k[r].double(), cos[r], sin[r])
+        vc[r, :, slots[r]] = v[r].double()
+    qr = apply_rope(q.double(), cos, sin)  # (B, H, D)
+    keys = kc[:, :, :e].repeat_interleave(h // hkv, dim=1)  # (B, H, E, D)
+    values = vc[:, :, :e].repeat_interleave(h // hkv, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", qr, keys) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a row with no visible key gives zeros
+    return torch.einsum("bhs,bhsd->bhd", probs, values).reshape(b, h * d), kc, vc
+
+
+@pytest.mark.parametrize("heads, kv_heads, keys", [(4, 1, 161), (8, 4, 30), (4, 2, 1500), (2, 2, 5)])
+def test_decode_attention_matches_float64(heads, kv_heads, keys):
+    # Rows: one seeing every key, one a scattered subset (a ring after wrapping), one padding row that
+    # sees nothing; spans of keys are split across tasks and merged, so long and short E both count.
+    gen = torch.Generator().manual_seed(heads * 100 + keys)
+    b, d, s = 3, 64, keys + 9
+    q, k, v = (torch.randn(b, n, d, generator=gen) for n in (heads, kv_heads, kv_heads))
+    kc, vc = torch.randn(b, kv_heads, s, d, generator=gen), torch.randn(b, kv_heads, s, d, generator=gen)
+    slots = torch.tensor([keys - 1, keys // 2, s - 1])
+    mask = torch.ones(b, keys, dtype=torch.bool)
+    mask[1] = torch.rand(keys, generator=gen) < 0.3
+    mask[1, keys // 2] = True
+    mask[2] = False
+    angles = torch.rand(b, d // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    for softcap in (0.0, 50.0):
+        kc1, vc1 = kc.clone(), vc.clone()
+        got = attention_kernel()(q, k, v, kc1, vc1, slots, mask, cos, sin, 0.125, softcap)
+        ref, kref, vref = _attention_float64(q, k, v, kc, vc, slots, mask, cos, sin, 0.125, softcap)
+        assert (got.double() - ref).abs().max().item() < 1e-5
+        assert (kc1.double() - kref).abs().max().item() < 1e-6 and torch.equal(vc1.double(), vref)
 
 
 def test_int4_search_matches_float64_and_beats_min_max():

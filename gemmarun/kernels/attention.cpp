@@ -11,6 +11,7 @@
 #include "kernels.h"
 #include "simd.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -41,6 +42,8 @@ void axpy(float a, const float* x, float* y, int64_t D) {
   for (; i < D; ++i) y[i] += a * x[i];
 }
 
+constexpr int64_t MIN_SPAN = 64;  // keys a task takes at least: fewer and the merge costs more than it spreads
+
 }  // namespace
 
 // q: (B, H, D); k, v: (B, Hkv, D), this step's projections before rope; kc, vc: (B, Hkv, S, D) cache
@@ -69,35 +72,78 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
       std::copy_n(v.data_ptr<float>() + (b * Hkv + j) * D, D, vcp + row);
     }
   }
-  auto out = at::zeros({B, H * D}, q.options());
-  const float* qp = q.data_ptr<float>();
+  // Queries after rope, (B, H, D), and the partial results of every task; thread_local so that
+  // decoding steps reuse them instead of allocating.
+  thread_local std::vector<float> qr, part;
+  qr.resize(B * H * D);
+  for (int64_t t = 0; t < B * H; ++t) rope(q.data_ptr<float>() + t * D, cp + (t / H) * D, snp + (t / H) * D, qr.data() + t * D, D);
+  // Tasks are (row, key/value head, span of keys): the g query heads of a group share each key and
+  // value read, and a long cache is split so both threads stream it (one task per kv head would
+  // leave the 270M's single kv head to one thread and read it four times over). Each task keeps a
+  // softmax of its own (max, sum, weighted values), merged below.
+  const int64_t groups = B * Hkv;
+  const int64_t want = (2 * at::get_num_threads() + groups - 1) / groups;
+  const int64_t spans = std::max<int64_t>(1, std::min<int64_t>(want, (E + MIN_SPAN - 1) / MIN_SPAN));
+  const int64_t span = (E + spans - 1) / spans, P = D + 2;  // a partial: D weighted values, max, sum
+  part.resize(groups * spans * g * P);
   const bool* mp = mask.data_ptr<bool>();
-  float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qr(D), scores(E);
+  float* pp = part.data();
+  const float* qp = qr.data();
+  at::parallel_for(0, groups * spans, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> scores;
+    scores.resize(g * span);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H, j = h / g;
-      rope(qp + t * D, cp + b * D, snp + b * D, qr.data(), D);
-      const float* keys = kcp + (b * Hkv + j) * S * D;
-      const float* values = vcp + (b * Hkv + j) * S * D;
+      const int64_t bj = t / spans, b = bj / Hkv, s0 = (t % spans) * span, s1 = std::min(E, s0 + span);
+      const float* keys = kcp + bj * S * D;
+      const float* values = vcp + bj * S * D;
+      const float* qh = qp + bj * g * D;  // the group's g heads are consecutive: h = j * g + i
       const bool* visible = mp + b * E;
-      float top = -INFINITY;
-      for (int64_t s = 0; s < E; ++s) {
-        if (!visible[s]) continue;
-        float x = dot(qr.data(), keys + s * D, D) * sc;
-        if (cap > 0.f) x = std::tanh(x / cap) * cap;  // Gemma 2's attention soft-cap, before the mask
-        scores[s] = x;
-        top = std::max(top, x);
+      float* out = pp + t * g * P;
+      for (int64_t i = 0; i < g; ++i) {
+        std::fill_n(out + i * P, D, 0.f);
+        out[i * P + D] = -INFINITY;
+        out[i * P + D + 1] = 0.f;
       }
-      if (top == -INFINITY) continue;  // a padding row sees no key; its output is never read
-      float total = 0.f;
-      for (int64_t s = 0; s < E; ++s)
-        if (visible[s]) total += (scores[s] = std::exp(scores[s] - top));
-      float* o = op + t * D;
-      for (int64_t s = 0; s < E; ++s)
-        if (visible[s]) axpy(scores[s] / total, values + s * D, o, D);
+      for (int64_t s = s0; s < s1; ++s) {
+        if (!visible[s]) continue;
+        for (int64_t i = 0; i < g; ++i) {
+          float x = dot(qh + i * D, keys + s * D, D) * sc;
+          if (cap > 0.f) x = std::tanh(x / cap) * cap;  // Gemma 2's attention soft-cap, before the mask
+          scores[i * span + s - s0] = x;
+          out[i * P + D] = std::max(out[i * P + D], x);
+        }
+      }
+      if (out[D] == -INFINITY) continue;  // no visible key in this span (visibility is per row, so for no head)
+      for (int64_t s = s0; s < s1; ++s) {
+        if (!visible[s]) continue;
+        for (int64_t i = 0; i < g; ++i) {
+          const float p = std::exp(scores[i * span + s - s0] - out[i * P + D]);
+          out[i * P + D + 1] += p;
+          axpy(p, values + s * D, out + i * P, D);
+        }
+      }
     }
   });
-  return out;
+  auto result = at::empty({B, H * D}, q.options());
+  float* rp = result.data_ptr<float>();
+  for (int64_t t = 0; t < B * H; ++t) {  // t = (b * Hkv + j) * g + i
+    const int64_t bj = t / g, i = t % g;
+    float top = -INFINITY;
+    for (int64_t c = 0; c < spans; ++c) top = std::max(top, pp[((bj * spans + c) * g + i) * P + D]);
+    float* o = rp + t * D;
+    std::fill_n(o, D, 0.f);
+    if (top == -INFINITY) continue;  // a padding row sees no key; its output is never read
+    float total = 0.f;
+    for (int64_t c = 0; c < spans; ++c) {
+      const float* pc = pp + ((bj * spans + c) * g + i) * P;
+      if (pc[D] == -INFINITY) continue;
+      const float w = std::exp(pc[D] - top);
+      total += w * pc[D + 1];
+      axpy(w, pc, o, D);
+    }
+    const float inv = 1.f / total;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  }
+  return result;
 }
