@@ -25,8 +25,8 @@ class Measurement:
     load_s: float
     peak_rss_mb: float
     prefill_tok_s: float  # a prompt of `prefill` tokens
-    ttft_s: float  # first token of a 32-token prompt
-    decode_tok_s: float  # tokens after the first, 32-token prompt
+    ttft_s: float  # first token of the decode run's prompt (spec["decode_after"] tokens, 32 by default)
+    decode_tok_s: float  # tokens after the first, in that run
 
 
 def memory_bandwidth_gbs(threads: int, mb: int = 1024) -> float:
@@ -78,7 +78,7 @@ def run_gemmarun(spec: dict) -> Measurement:
     t = time.perf_counter()
     lm.generate(long, max_new_tokens=1, ignore_eos=True)
     prefill = len(long) / (time.perf_counter() - t)
-    short = _ids(32, vocab, 2)
+    short = _ids(spec.get("decode_after", 32), vocab, 2)
     t = time.perf_counter()
     stamps = []
     for _ in lm.generator.run([short], gemmarun.SamplingParams(max_new_tokens=spec["decode"] + 1, ignore_eos=True)):
@@ -115,6 +115,14 @@ def run_transformers(spec: dict) -> Measurement:
     return Measurement("transformers", spec["dtype"], nbytes / 2**20, load_s, _peak_rss_mb(), prefill, ttft, decode)
 
 
+def _last_logits(llm):
+    """The last evaluated token's logits. `Llama.scores` is only written with logits_all=True (and
+    has n_batch rows), so they are read from the context's output buffer, as llama.cpp's sampler does."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def run_llamacpp(spec: dict) -> Measurement:
     from llama_cpp import Llama
 
@@ -124,7 +132,7 @@ def run_llamacpp(spec: dict) -> Measurement:
     load_s = time.perf_counter() - t
     vocab = llm.n_vocab()
     long = _ids(spec["prefill"], vocab, 1)
-    short = _ids(32, vocab, 2)
+    short = _ids(spec.get("decode_after", 32), vocab, 2)
     llm.eval(long[:16])
     llm.reset()
     t = time.perf_counter()
@@ -133,12 +141,12 @@ def run_llamacpp(spec: dict) -> Measurement:
     llm.reset()
     t = time.perf_counter()
     llm.eval(short)
-    tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    tok = int(_last_logits(llm).argmax())
     ttft = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(spec["decode"]):
         llm.eval([tok])
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        tok = int(_last_logits(llm).argmax())
     decode = spec["decode"] / (time.perf_counter() - t)
     return Measurement("llama.cpp", spec["label"], os.path.getsize(spec["model"]) / 2**20, load_s, _peak_rss_mb(),
                        prefill, ttft, decode)  # fmt: skip

@@ -1,0 +1,45 @@
+"""Decode speed as the context fills: the default model after prompts of 32, 2000 and 6000 tokens,
+gemmarun against llama.cpp on the same file, each engine in its own process, alternating.
+
+    python benchmarks/long_context.py [--threads 2] [--lengths 32,2000,6000] [--decode 64]
+
+Decoding reads every weight and, in every layer, the cached keys and values it attends to: the
+Gemma 3 270M's sliding layers see at most 512 of them, its 3 global layers all. gemmarun keeps the
+cache in float32, llama.cpp in float16 (its default).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+from gemmarun.bench import measure
+from gemmarun.loader import resolve
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lengths", default="32,2000,6000", help="prompt tokens before decoding, comma-separated")
+    ap.add_argument("--decode", type=int, default=64, help="tokens decoded after each prompt")
+    args = ap.parse_args()
+    lengths = [int(n) for n in args.lengths.split(",")]
+    path = resolve(None)
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads; {path.name}; "
+          f"{args.decode} tokens decoded after each prompt\n")  # fmt: skip
+    print("| prompt tokens | gemmarun decode tok/s | llama.cpp decode tok/s | gemmarun / llama.cpp |")
+    print("|---|---|---|---|")
+    for n in lengths:
+        spec = dict(model=str(path), prefill=64, decode=args.decode, decode_after=n, context=n + args.decode + 72,
+                    threads=args.threads)  # fmt: skip
+        ours = measure("gemmarun", dict(spec, label="as stored"))
+        theirs = measure("llama.cpp", dict(spec, label=path.name))
+        cells = [f"{m.decode_tok_s:.2f}" if not isinstance(m, str) else f"- ({m})" for m in (ours, theirs)]
+        ratio = f"{ours.decode_tok_s / theirs.decode_tok_s:.2f}x" if not isinstance(ours, str) and not isinstance(theirs, str) else "-"
+        print(f"| {n} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
