@@ -52,9 +52,14 @@ struct QuantisedRows {
   std::vector<float> d, s;
 };
 
-QuantisedRows quantise_rows(const float* x, int64_t M, int64_t K) {
+// Into the calling thread's buffers, which keep their capacity: decoding steps allocate nothing.
+const QuantisedRows& quantise_rows(const float* x, int64_t M, int64_t K) {
   int64_t nb = K / QK;
-  QuantisedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  thread_local QuantisedRows buffers;
+  QuantisedRows& r = buffers;  // a local name: the workers below must see this thread's buffers, not their own
+  r.q.resize(M * K);
+  r.d.resize(M * nb);
+  r.s.resize(M * nb);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   at::parallel_for(0, M * nb, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -295,20 +300,20 @@ struct Weight {
   int64_t bits, group, N;
   float zero;
   float* out;
-  std::vector<float> xg;  // activation sums per weight group (M, K / group), for the zero and min terms
+  const float* xg;  // activation sums per weight group (M, K / group), for the zero and min terms; or null
 };
 
 template <int BITS, typename S>
 void weight_rows(const Weight& w, const QuantisedRows& xq, int64_t M, int64_t K, int64_t t0, int64_t t1) {
   const S* scales = static_cast<const S*>(w.scales);
   const S* mins = static_cast<const S*>(w.mins);
-  const bool extra = !w.xg.empty();
+  const bool extra = w.xg != nullptr;
   for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
     switch (std::min(ROWS, M - m0)) {  // accumulators: 4, 4, 3, 4
-      case 4: rows<1, 4, BITS>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
-      case 3: rows<1, 3, BITS>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
-      case 2: rows<2, 2, BITS>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
-      default: rows<1, 1, BITS>(extra, xq, w.xg.data(), m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      case 4: rows<1, 4, BITS>(extra, xq, w.xg, m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      case 3: rows<1, 3, BITS>(extra, xq, w.xg, m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      case 2: rows<2, 2, BITS>(extra, xq, w.xg, m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
+      default: rows<1, 1, BITS>(extra, xq, w.xg, m0, K, w.q, scales, mins, w.group, w.zero, w.out, w.N, t0, t1); break;
     }
   }
 }
@@ -316,28 +321,40 @@ void weight_rows(const Weight& w, const QuantisedRows& xq, int64_t M, int64_t K,
 // Every matrix against the same x, quantised once, in one parallel region: q, k and v (or gate
 // and up) cost one call, one activation rounding and one thread wake-up instead of three.
 void run(const float* x, int64_t M, int64_t K, std::vector<Weight>& ws) {
-  QuantisedRows xq = quantise_rows(x, M, K);
-  const int64_t nb = K / QK;
-  struct Tile { int64_t w, t0, t1; };
-  std::vector<Tile> tiles;
-  for (int64_t i = 0; i < static_cast<int64_t>(ws.size()); ++i) {
+  const QuantisedRows& xq = quantise_rows(x, M, K);
+  const int64_t nb = K / QK, n = static_cast<int64_t>(ws.size());
+  // Per-call scratch in buffers that keep their capacity: the group sums, and where each matrix's
+  // tiles start in the one numbering all threads draw from (first[i] .. first[i + 1]).
+  thread_local std::vector<float> sums;
+  thread_local std::vector<int64_t> first;
+  first.assign(n + 1, 0);
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    first[i + 1] = first[i] + (ws[i].N + WEIGHT_TILE - 1) / WEIGHT_TILE;
+    if (ws[i].zero != 0.f || ws[i].mins) total += M * (K / ws[i].group);
+  }
+  sums.assign(total, 0.f);
+  for (int64_t i = 0, at = 0; i < n; ++i) {
     Weight& w = ws[i];
-    if (w.zero != 0.f || w.mins) {
-      const int64_t ng = K / w.group, per = w.group / QK;
-      w.xg.assign(M * ng, 0.f);
-      for (int64_t j = 0; j < M * nb; ++j) w.xg[j / per] += xq.s[j];
-    }
-    for (int64_t t0 = 0; t0 < w.N; t0 += WEIGHT_TILE) tiles.push_back({i, t0, std::min(t0 + WEIGHT_TILE, w.N)});
+    if (w.zero == 0.f && !w.mins) continue;
+    const int64_t per = w.group / QK;
+    float* xg = sums.data() + at;
+    for (int64_t j = 0; j < M * nb; ++j) xg[j / per] += xq.s[j];
+    w.xg = xg;
+    at += M * (K / w.group);
   }
   // Threads take tiles from a shared counter rather than fixed halves: a thread that starts late
   // or streams slower would otherwise leave the other waiting at the end of every call.
   std::atomic<int64_t> next{0};
-  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  const int64_t ntiles = first[n];
+  const int64_t* starts = first.data();  // a local name for the workers, as in quantise_rows
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (int64_t t0; (t0 = next.fetch_add(TILES_TAKEN)) < ntiles;) {
       for (int64_t t = t0; t < std::min(t0 + TILES_TAKEN, ntiles); ++t) {
-        const Weight& w = ws[tiles[t].w];
-        const int64_t t0 = tiles[t].t0, t1 = tiles[t].t1;
+        int64_t i = 0;
+        while (t >= starts[i + 1]) ++i;  // a handful of matrices: a scan beats a search
+        const Weight& w = ws[i];
+        const int64_t t0 = (t - starts[i]) * WEIGHT_TILE, t1 = std::min(t0 + WEIGHT_TILE, w.N);
         if (w.half) {
           if (w.bits == 4) weight_rows<4, at::Half>(w, xq, M, K, t0, t1);
           else if (w.bits == 6) weight_rows<6, at::Half>(w, xq, M, K, t0, t1);
@@ -385,7 +402,7 @@ std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::v
     // load_block's q6 codes are q + 32: from 32 values a group on, the 32 joins the zero's term.
     const float zero = static_cast<float>(zeros[i]) + (b == 6 && group != 16 ? 32.f : 0.f);
     ws.push_back(Weight{reinterpret_cast<const uint8_t*>(q.data_ptr()), sc.data_ptr(), has_min ? mins[i]->data_ptr() : nullptr,
-                        sc.scalar_type() == at::kHalf, b, group, N, zero, outs.back().data_ptr<float>(), {}});
+                        sc.scalar_type() == at::kHalf, b, group, N, zero, outs.back().data_ptr<float>(), nullptr});
   }
   run(x.data_ptr<float>(), M, K, ws);
   return outs;
