@@ -77,10 +77,11 @@ class KVCache:
         """Build both kinds' write slots and masks for `positions` (B, T; -1 = padding), then record them."""
         if self.static and positions.shape[1] == 1:
             return self.plan_static(positions)
-        cfg = self.config
         if self.static:  # its decoding steps left `filled` behind (plan_static cannot advance it)
             self.filled = int(self.pos["global"].max()) + 1
         valid = positions >= 0
+        last = int(positions.max())
+        filled = max(self.filled, last + 1)
         plans = {}
         for kind, size in self.size.items():
             sliding = kind == "sliding"
@@ -92,11 +93,10 @@ class KVCache:
                 write = valid & (positions > row_last - size)
                 slots = torch.where(write, positions % size, size)
             else:
-                if int(positions.max()) >= size:
-                    raise IndexError(f"position {int(positions.max())} is past the cache's context {size}")
+                if last >= size:
+                    raise IndexError(f"position {last} is past the cache's context {size}")
                 slots = torch.where(valid, positions, size)
             concat = sliding and positions.shape[1] > 1
-            q = positions[:, None, :, None]  # (B, 1, T, 1)
             if concat:
                 # Attend to the cache as it was plus this chunk, since the chunk overwrites ring slots
                 # that its own earlier queries still need. A ring that has not wrapped holds keys in
@@ -104,25 +104,18 @@ class KVCache:
                 prefix = self.filled if self.filled <= size else size + 1
                 kpos = torch.cat([pos_table[:, :prefix], torch.where(valid, positions, -1)], dim=1)
             else:
-                pos_table.scatter_(1, slots, torch.where(valid, positions, -1))
-                pos_table[:, size] = -1  # the trash slot never holds a visible key
+                self._record(pos_table, slots, positions, valid)
                 kpos = pos_table
             end = prefix if concat else kpos.shape[1]
-            filled = max(self.filled, int(positions.max()) + 1)
             # Global slots are positions, so only the filled prefix matters; a ring that has not
             # wrapped yet holds keys in slots [0, filled) only, so short sequences skip the rest.
             if not sliding or (not concat and filled <= size):
                 end = filled
                 kpos = kpos[:, :end]
-            k = kpos[:, None, None, :]  # (B, 1, 1, S)
-            mask = (k >= 0) & (k <= q)
-            if sliding:
-                mask &= q - k < cfg.sliding_window  # the query itself and window - 1 keys before it
-            plans[kind] = AttnPlan(slots=slots, mask=mask, concat=concat, end=end)
+            plans[kind] = AttnPlan(slots=slots, mask=self._visible(kpos, positions, sliding), concat=concat, end=end)
             if concat:
-                pos_table.scatter_(1, slots, torch.where(valid, positions, -1))
-                pos_table[:, size] = -1
-        self.filled = max(self.filled, int(positions.max()) + 1)
+                self._record(pos_table, slots, positions, valid)
+        self.filled = filled
         return plans
 
     def plan_static(self, positions: torch.Tensor) -> dict[str, AttnPlan]:
@@ -131,20 +124,28 @@ class KVCache:
         unwritten slots hold position -1 and are masked), and `filled` stays behind: plan() reads it
         back from the position table."""
         valid = positions >= 0
-        q = positions[:, None, :, None]  # (B, 1, 1, 1)
         plans = {}
         for kind, size in self.size.items():
             sliding = kind == "sliding"
-            table = self.pos[kind]
             slots = torch.where(valid, positions % size if sliding else positions, size)
-            table.scatter_(1, slots, torch.where(valid, positions, -1))
-            table[:, size] = -1
-            k = table[:, None, None, :]  # (B, 1, 1, S + 1)
-            mask = (k >= 0) & (k <= q)
-            if sliding:
-                mask &= q - k < self.config.sliding_window
-            plans[kind] = AttnPlan(slots=slots, mask=mask, concat=False, end=size + 1)
+            self._record(self.pos[kind], slots, positions, valid)
+            plans[kind] = AttnPlan(slots=slots, mask=self._visible(self.pos[kind], positions, sliding), concat=False, end=size + 1)
         return plans
+
+    @staticmethod
+    def _record(table: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Write each token's position into its slot of the table (B, S + 1)."""
+        table.scatter_(1, slots, torch.where(valid, positions, -1))
+        table[:, -1] = -1  # the trash slot never holds a visible key
+
+    def _visible(self, kpos: torch.Tensor, positions: torch.Tensor, sliding: bool) -> torch.Tensor:
+        """(B, 1, T, S): which key positions kpos (B, S; -1 = empty) each query position sees."""
+        q = positions[:, None, :, None]  # (B, 1, T, 1)
+        k = kpos[:, None, None, :]  # (B, 1, 1, S)
+        mask = (k >= 0) & (k <= q)
+        if sliding:
+            mask &= q - k < self.config.sliding_window  # the query itself and window - 1 keys before it
+        return mask
 
     def update(self, layer: int, plan: AttnPlan, k: torch.Tensor, v: torch.Tensor):
         """Write this call's k, v (B, Hkv, T, D) and return the keys/values to attend over."""
