@@ -104,7 +104,7 @@ def _field_int(number: int, value: int) -> bytes:
     return _varint(number << 3) + _varint(value)
 
 
-def _pieces_any(raw: list[bytes], scores: list[float], types: list[int]) -> bytes:
+def _pieces_any(raw: list[bytes], scores, types) -> bytes:
     """ModelProto.pieces (field 1), one SentencePiece message (piece=1, score=2, type=3) each."""
     out = []
     for r, score, kind in zip(raw, scores, types):
@@ -113,11 +113,10 @@ def _pieces_any(raw: list[bytes], scores: list[float], types: list[int]) -> byte
     return b"".join(out)
 
 
-def _pieces_short(raw: list[bytes], scores: list[float], types: list[int]) -> bytes:
-    """_pieces_any for pieces under 119 bytes, whose lengths all fit one-byte varints, laid out
-    with numpy: 0a (L+9) 0a L piece 15 score(4) 18 type, L + 11 bytes a piece. A Gemma vocabulary
-    has 262144 pieces; the per-piece loop took 0.24 s of every load, this 0.12."""
-    n = np.fromiter(map(len, raw), np.int64, len(raw))  # (P,)
+def _pieces_short(raw: list[bytes], n: np.ndarray, scores, types) -> bytes:
+    """_pieces_any for pieces under 119 bytes (n: their lengths), whose lengths all fit one-byte
+    varints, laid out with numpy: 0a (L+9) 0a L piece 15 score(4) 18 type, L + 11 bytes a piece. A
+    Gemma vocabulary has 262144 pieces; the per-piece loop took 0.24 s of every load, this 0.12."""
     start = np.cumsum(n + 11) - (n + 11)  # (P,) where each record begins
     out = np.empty(int((n + 11).sum()), np.uint8)
     out[start], out[start + 1], out[start + 2], out[start + 3] = 0x0A, n + 9, 0x0A, n
@@ -132,16 +131,18 @@ def _pieces_short(raw: list[bytes], scores: list[float], types: list[int]) -> by
 
 
 def _sentencepiece_proto(
-    pieces: list[str], scores: list[float], types: list[int], unk_id: int, add_dummy_prefix: bool,
+    pieces: list[str], scores, types, unk_id: int, add_dummy_prefix: bool,
     charsmap: bytes = b"",
 ) -> bytes:
     """Serialise a sentencepiece ModelProto (BPE, byte fallback, identity normaliser).
 
     Written by hand from sentencepiece_model.proto (field numbers below) so the runtime needs no
     protobuf package; tests parse the result with sentencepiece_model_pb2 to check it.
+    scores and types: sequences or numpy arrays (float32, integer) of one value per piece.
     """
     raw = [p.encode("utf-8") for p in pieces]
-    out = [_pieces_short(raw, scores, types) if max(map(len, raw), default=0) < 119 else _pieces_any(raw, scores, types)]
+    n = np.fromiter(map(len, raw), np.int64, len(raw))  # (P,)
+    out = [_pieces_short(raw, n, scores, types) if n.max(initial=0) < 119 else _pieces_any(raw, scores, types)]
     trainer = (
         _field_int(3, 2)  # model_type = BPE
         + _field_int(4, len(pieces))  # vocab_size
@@ -331,7 +332,7 @@ class Tokenizer:
             pieces[i] = pieces[i].replace(" ", "\u2581")
         charsmap = fields.get("tokenizer.ggml.precompiled_charsmap")
         proto = _sentencepiece_proto(
-            pieces, scores.tolist(), types.tolist(), unk,
+            pieces, scores, types, unk,
             add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", False)),
             charsmap=bytes(charsmap) if charsmap else b"",
         )
