@@ -314,7 +314,8 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
     compile adds gemmarun in bfloat16 decoding through torch.compile (dense weights only; a packed
     file is decoded to bfloat16 for it)."""
     run = dict(prefill=prefill, decode=decode, context=max(prefill, 32 + decode) + 8)
-    compiled = dict(dtype="bfloat16", quantize="none", compile=True, label="bfloat16 compiled")
+    eager = dict(dtype="bfloat16", quantize="none", label="bfloat16")
+    compiled = dict(eager, compile=True, label="bfloat16 compiled")
     specs = []
     if shape == "gemma-2-2b":
         # Q4_0 from gguf-py: every matrix at Q4_0; llama-quantize's Q4_0 keeps the tied embedding / LM
@@ -343,7 +344,7 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
     if "gemmarun" in engines:
         specs.append(("gemmarun", dict(run, model=str(path), label="as stored" if path.suffix == ".gguf" else None)))
         if compile:  # beside its eager twin, which a packed file's own row is not
-            specs.append(("gemmarun", dict(run, model=str(path), dtype="bfloat16", quantize="none", label="bfloat16")))
+            specs.append(("gemmarun", dict(run, model=str(path), **eager)))
             specs.append(("gemmarun", dict(run, model=str(path), **compiled)))
     if "llama.cpp" in engines and path.suffix == ".gguf":
         specs.append(("llama.cpp", dict(run, model=str(path), label=path.name)))
