@@ -67,7 +67,7 @@ def run_gemmarun(spec: dict) -> Measurement:
 
     t = time.perf_counter()
     lm = gemmarun.load(spec["model"], dtype=spec.get("dtype"), quantize=spec.get("quantize"), context=spec["context"],
-                       compile=spec.get("compile", False))  # fmt: skip
+                       compile=spec.get("compile", False), cache_dtype=spec.get("cache_dtype"))  # fmt: skip
     load_s = time.perf_counter() - t
     vocab = lm.config.vocab_size
     long = _ids(spec["prefill"], vocab, 1)

@@ -148,8 +148,9 @@ class KVCache:
         return mask
 
     def update(self, layer: int, plan: AttnPlan, k: torch.Tensor, v: torch.Tensor):
-        """Write this call's k, v (B, Hkv, T, D) and return the keys/values to attend over."""
+        """Write this call's k, v (B, Hkv, T, D) and return the keys/values to attend over, in the cache's dtype."""
         kc, vc = self.k[layer], self.v[layer]
+        k, v = k.to(kc.dtype), v.to(vc.dtype)  # a float16 / bfloat16 cache rounds them once, here
         idx = plan.slots[:, None, :, None].expand_as(k)
         if plan.concat:
             keys = torch.cat([kc[:, :, : plan.end], k], dim=2)

@@ -19,6 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantise weights at load (int8 per channel, int4 in groups); 'none' decodes a GGUF's "
                         "blocks to dense weights (default: keep the checkpoint's own form)")  # fmt: skip
     p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
+    p.add_argument("--cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="KV cache dtype: float16 or bfloat16 halve a float32 cache (auto: the activations' dtype)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +61,7 @@ def _load(args):
             raise GemmarunError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return load(args.model, dtype=args.dtype, device=args.device, context=args.context, quantize=args.quantize,
-                group_size=args.group_size, compile=getattr(args, "compile", False),
+                group_size=args.group_size, compile=getattr(args, "compile", False), cache_dtype=args.cache_dtype,
                 **getattr(args, "calibration_kwargs", {}))  # fmt: skip
 
 
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPython's reference manual)")  # fmt: skip
     q.add_argument("--calibration-tokens", type=int, default=2048, help="int4: calibration tokens to run (default 2048)")
     q.add_argument("--no-calibration", action="store_true", help="int4: round by the weights alone (faster, less exact)")
-    q.set_defaults(func=cmd_quantize, dtype="float32", device="cpu", context=None, threads=None)
+    q.set_defaults(func=cmd_quantize, dtype="float32", device="cpu", context=None, threads=None, cache_dtype="auto")
 
     b = sub.add_parser("bench", help="speed and memory, side by side with transformers and llama.cpp")
     b.add_argument("--model", "-m", help="model to measure (default: the default model)")

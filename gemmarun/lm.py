@@ -87,7 +87,7 @@ class LanguageModel:
         with torch.inference_mode():
             if t <= chunk:
                 return self.model(ids[None].to(device), torch.arange(t, device=device)[None])[0]
-            cache = KVCache(self.config, 1, t, self.model.dtype, device)
+            cache = KVCache(self.config, 1, t, self.model.cache_dtype, device)
             parts = [
                 self.model(ids[None, s : s + chunk].to(device), torch.arange(s, min(s + chunk, t), device=device)[None], cache)[0]
                 for s in range(0, t, chunk)
@@ -106,6 +106,7 @@ def load(
     calibration: str | bool | None = None,
     calibration_tokens: int = 2048,
     compile: bool = False,
+    cache_dtype: str | torch.dtype | None = None,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file, a Hugging Face repo id (from the local cache) or,
     with no argument, the default Gemma 3 270M model.
@@ -117,9 +118,12 @@ def load(
     tokens' activations weight the rounding (see gemmarun/calibrate.py). The model is loaded dense
     in float32 first to run them.
     compile: decode through torch.compile with a static cache (dense models: dtype float32 or
-    bfloat16, or quantize='none'); generate() and stream() use it, chat and the server do not."""
+    bfloat16, or quantize='none'); generate() and stream() use it, chat and the server do not.
+    cache_dtype: the KV cache's dtype, "float16" or "bfloat16" to halve a float32 cache's memory
+    and the bytes long contexts read a token; None / "auto": the activations' dtype (exact)."""
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype, device)
+    cache_dtype = None if cache_dtype in (None, "auto") else parse_dtype(cache_dtype, device, "cache_dtype")
     if group_size not in (32, 64, 128):
         raise InvalidParameterError(f"group_size must be 32, 64 or 128, got {group_size!r}")
     if calibration is not None and calibration is not False:
@@ -144,6 +148,7 @@ def load(
         for p in model.parameters():  # the norms, still float32
             p.data = p.data.to(torch_dtype)
     warn_dtype(config, torch_dtype)
+    model.cache_dtype = cache_dtype
     return LanguageModel(model, tokenizer, config, str(path), context, compile=compile)
 
 

@@ -24,16 +24,16 @@ DTYPES = {
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def parse_dtype(dtype, device: torch.device) -> torch.dtype:
+def parse_dtype(dtype, device: torch.device, what: str = "dtype") -> torch.dtype:
     if dtype is None or dtype == "auto":
         # torch's bf16 matrix kernels are very slow on CPUs without native bf16, so fp32 there.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ConfigError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+            raise ConfigError(f"unsupported {what} {dtype}; use float32, bfloat16 or float16")
         return dtype
     if dtype not in DTYPES:
-        raise ConfigError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
+        raise ConfigError(f"unsupported {what} {dtype!r}; use one of float32, bfloat16, float16")
     return DTYPES[dtype]
 
 

@@ -127,6 +127,7 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, plan, k, v)  # (B, Hkv, S, D)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # widened from a half-precision cache
         g = self.n_heads // self.n_kv
         # GQA without repeating K/V: fold the g query heads of a group into the time axis.
         q = q.reshape(b, self.n_kv, g * t, self.head_dim)
@@ -205,6 +206,7 @@ class Gemma(nn.Module):
         self.rope_global = Rope(config.head_dim, config.rope_theta, config.rope_scaling_factor)
         self.rope_local = Rope(config.head_dim, config.rope_local_theta)
         self._stack = None  # the C++ decode loop over the layers, built on the first decoding step
+        self._cache_dtype: torch.dtype | None = None
 
     def _apply(self, fn, recurse=True):
         self._stack = None  # it holds the weight tensors, which .to() and friends replace
@@ -242,6 +244,15 @@ class Gemma(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: the activations' unless set (float16 or bfloat16 halve a float32 cache)."""
+        return self._cache_dtype or self.dtype
+
+    @cache_dtype.setter
+    def cache_dtype(self, dtype: torch.dtype | None) -> None:
+        self._cache_dtype = dtype
 
     def forward(
         self,

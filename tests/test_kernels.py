@@ -34,22 +34,26 @@ def test_rms_norm_with_residual():
 
 def _attention_float64(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap):
     """The same step in float64 torch ops: rope, cache write, scores over slots [0, E), soft-cap, mask, softmax."""
-    b, h, d = q.shape
-    hkv, e = k.shape[1], mask.shape[1]
     kc, vc = kc.double().clone(), vc.double().clone()
-    cos, sin = cos.double()[:, None], sin.double()[:, None]
-    for r in range(b):
-        kc[r, :, slots[r]] = apply_rope(k[r].double(), cos[r], sin[r])
+    for r in range(q.shape[0]):
+        kc[r, :, slots[r]] = apply_rope(k[r].double(), cos[r].double(), sin[r].double())
         vc[r, :, slots[r]] = v[r].double()
-    qr = apply_rope(q.double(), cos, sin)  # (B, H, D)
-    keys = kc[:, :, :e].repeat_interleave(h // hkv, dim=1)  # (B, H, E, D)
-    values = vc[:, :, :e].repeat_interleave(h // hkv, dim=1)
+    return _attend_float64(q, kc, vc, mask, cos, sin, scale, softcap), kc, vc
+
+
+def _attend_float64(q, kc, vc, mask, cos, sin, scale, softcap):
+    """Attention of the roped queries over cache slots [0, E) as they are, in float64."""
+    b, h, d = q.shape
+    hkv, e = kc.shape[1], mask.shape[1]
+    qr = apply_rope(q.double(), cos.double().view(b, 1, d), sin.double().view(b, 1, d))  # (B, H, D)
+    keys = kc[:, :, :e].double().repeat_interleave(h // hkv, dim=1)  # (B, H, E, D)
+    values = vc[:, :, :e].double().repeat_interleave(h // hkv, dim=1)
     scores = torch.einsum("bhd,bhsd->bhs", qr, keys) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # a row with no visible key gives zeros
-    return torch.einsum("bhs,bhsd->bhd", probs, values).reshape(b, h * d), kc, vc
+    return torch.einsum("bhs,bhsd->bhd", probs, values).reshape(b, h * d)
 
 
 @pytest.mark.parametrize("heads, kv_heads, keys", [(4, 1, 161), (8, 4, 30), (4, 2, 1500), (2, 2, 5)])
@@ -73,6 +77,33 @@ def test_decode_attention_matches_float64(heads, kv_heads, keys):
         ref, kref, vref = _attention_float64(q, k, v, kc, vc, slots, mask, cos, sin, 0.125, softcap)
         assert (got.double() - ref).abs().max().item() < 1e-5
         assert (kc1.double() - kref).abs().max().item() < 1e-6 and torch.equal(vc1.double(), vref)
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.float16, 2**-10), (torch.bfloat16, 2**-7)])
+def test_decode_attention_with_a_half_precision_cache(dtype, ulp):
+    # The step's key and value are rounded once as they are written; every read widens what the
+    # cache holds, so the output must equal float64 attention over the cache's own contents.
+    gen = torch.Generator().manual_seed(11)
+    b, h, hkv, d, keys = 2, 8, 4, 72, 300  # 72: a tail past the 8-lane blocks
+    q, k, v = (torch.randn(b, n, d, generator=gen) for n in (h, hkv, hkv))
+    kc, vc = (torch.randn(b, hkv, keys + 1, d, generator=gen).to(dtype) for _ in range(2))
+    slots = torch.tensor([keys - 1, 17])
+    mask = torch.rand(b, keys, generator=gen) < 0.7
+    mask[torch.arange(b), slots] = True
+    angles = torch.rand(b, d // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    kc1, vc1 = kc.clone(), vc.clone()
+    got = attention_kernel()(q, k, v, kc1, vc1, slots, mask, cos, sin, 0.125, 30.0)
+    _, kref, _ = _attention_float64(q, k, v, kc, vc, slots, mask, cos, sin, 0.125, 30.0)
+    for r in range(b):
+        written = kc1[r, :, slots[r]].double()
+        assert ((written - kref[r, :, slots[r]]).abs() <= ulp * kref[r, :, slots[r]].abs() + 1e-6).all()
+        assert torch.equal(vc1[r, :, slots[r]], v[r].to(dtype))
+        untouched = torch.ones(keys + 1, dtype=torch.bool)
+        untouched[slots[r]] = False
+        assert torch.equal(kc1[r, :, untouched], kc[r, :, untouched])
+    ref = _attend_float64(q, kc1, vc1, mask, cos, sin, 0.125, 30.0)
+    assert (got.double() - ref).abs().max().item() < 1e-5
 
 
 def test_int4_search_matches_float64_and_beats_min_max():

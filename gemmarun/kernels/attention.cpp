@@ -1,5 +1,7 @@
-// One decoding step of attention for every layer kind, float32: rope on q and k, the cache write,
-// scores, soft-cap, mask, softmax and the weighted sum of values in one call.
+// One decoding step of attention for every layer kind: rope on q and k, the cache write, scores,
+// soft-cap, mask, softmax and the weighted sum of values in one call. Queries, scores and sums are
+// float32; the cache is float32, float16 or bfloat16 (half the bytes to read a cached token at
+// long contexts), rounded once when a key or value is written and widened as it is read.
 //
 // As separate torch ops this step was about 25 calls a layer (rope's cat/neg/mul/add on q and k,
 // two index_puts, two bmm, the soft-cap's div/tanh/mul, masked_fill, softmax, views and casts),
@@ -18,58 +20,54 @@
 namespace {
 
 // Rotary embedding, half-split layout: out[i] = x[i] cos[i] - x[i + h] sin[i], out[i + h] = x[i + h] cos[i + h] + x[i] sin[i + h].
-void rope(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
+// Computed in float32, then rounded (to nearest even) to the output's type.
+template <typename T>
+void rope(const float* x, const float* cos, const float* sin, T* out, int64_t D) {
   const int64_t h = D / 2;
   for (int64_t i = 0; i < h; ++i) {
-    out[i] = x[i] * cos[i] - x[i + h] * sin[i];
-    out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h];
+    out[i] = static_cast<T>(x[i] * cos[i] - x[i + h] * sin[i]);
+    out[i + h] = static_cast<T>(x[i + h] * cos[i + h] + x[i] * sin[i + h]);
   }
 }
 
-float dot(const float* a, const float* b, int64_t D) {
+template <typename T>
+float dot(const float* a, const T* b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   float s = hsum8(acc);
-  for (; i < D; ++i) s += a[i] * b[i];
+  for (; i < D; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
-void axpy(float a, const float* x, float* y, int64_t D) {
+template <typename T>
+void axpy(float a, const T* x, float* y, int64_t D) {
   const __m256 va = _mm256_set1_ps(a);
   int64_t i = 0;
-  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < D; ++i) y[i] += a * x[i];
+  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < D; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 
 constexpr int64_t MIN_SPAN = 64;  // keys a task takes at least: fewer and the merge costs more than it spreads
 
-}  // namespace
-
-// q: (B, H, D); k, v: (B, Hkv, D), this step's projections before rope; kc, vc: (B, Hkv, S, D) cache
-// buffers, written at slots (B,); mask: (B, E) keys visible in slots [0, E); cos, sin: (B, D).
-// softcap 0 means none. Returns (B, H * D). Query head h reads key/value head h / (H / Hkv).
-at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kc, at::Tensor vc, at::Tensor slots,
-                            at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap) {
-  for (const at::Tensor* t : {&q, &k, &v, &kc, &vc, &cos, &sin})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "decode_attention takes contiguous float32 tensors");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && kc.dim() == 4 && k.sizes() == v.sizes() && kc.sizes() == vc.sizes(), "bad shapes");
+// Writes this step's keys and values (after rope) at their slots, then attends; see decode_attention.
+template <typename T>
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc,
+                  const at::Tensor& slots, const at::Tensor& mask, const at::Tensor& cos, const at::Tensor& sin, double scale,
+                  double softcap) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), S = kc.size(2);
-  TORCH_CHECK(k.size(0) == B && kc.size(0) == B && kc.size(1) == Hkv && kc.size(3) == D && k.size(2) == D && H % Hkv == 0, "bad shapes");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 2 && mask.size(0) == B && mask.size(1) <= S, "mask must be bool (B, E <= S)");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == B, "slots must be int64 (B,)");
-  TORCH_CHECK(cos.numel() == B * D && sin.numel() == B * D && D % 2 == 0, "cos and sin must be (B, D)");
   const int64_t E = mask.size(1), g = H / Hkv;
   auto slot = slots.contiguous();
   const int64_t* sp = slot.data_ptr<int64_t>();
   const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
-  float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>();
+  T *kcp = kc.data_ptr<T>(), *vcp = vc.data_ptr<T>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(sp[b] >= 0 && sp[b] < S, "slot outside the cache");
     for (int64_t j = 0; j < Hkv; ++j) {
       const int64_t row = ((b * Hkv + j) * S + sp[b]) * D;
       rope(k.data_ptr<float>() + (b * Hkv + j) * D, cp + b * D, snp + b * D, kcp + row, D);
-      std::copy_n(v.data_ptr<float>() + (b * Hkv + j) * D, D, vcp + row);
+      const float* src = v.data_ptr<float>() + (b * Hkv + j) * D;
+      for (int64_t d = 0; d < D; ++d) vcp[row + d] = static_cast<T>(src[d]);
     }
   }
   // Queries after rope, (B, H, D), and the partial results of every task; thread_local so that
@@ -95,8 +93,8 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
     scores.resize(g * span);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bj = t / spans, b = bj / Hkv, s0 = (t % spans) * span, s1 = std::min(E, s0 + span);
-      const float* keys = kcp + bj * S * D;
-      const float* values = vcp + bj * S * D;
+      const T* keys = kcp + bj * S * D;
+      const T* values = vcp + bj * S * D;
       const float* qh = qp + bj * g * D;  // the group's g heads are consecutive: h = j * g + i
       const bool* visible = mp + b * E;
       float* out = pp + t * g * P;
@@ -146,4 +144,28 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
     for (int64_t d = 0; d < D; ++d) o[d] *= inv;
   }
   return result;
+}
+
+}  // namespace
+
+// q: (B, H, D); k, v: (B, Hkv, D), this step's projections before rope, float32; kc, vc: (B, Hkv,
+// S, D) cache buffers (float32, float16 or bfloat16), written at slots (B,); mask: (B, E) keys
+// visible in slots [0, E); cos, sin: (B, D). softcap 0 means none. Returns (B, H * D) float32.
+// Query head h reads key/value head h / (H / Hkv).
+at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kc, at::Tensor vc, at::Tensor slots,
+                            at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap) {
+  for (const at::Tensor* t : {&q, &k, &v, &cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "decode_attention takes contiguous float32 q, k, v, cos, sin");
+  const auto cache = kc.scalar_type();
+  TORCH_CHECK(cache == at::kFloat || cache == at::kHalf || cache == at::kBFloat16, "the cache must be float32, float16 or bfloat16");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && vc.scalar_type() == cache, "kc and vc: contiguous, one dtype");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && kc.dim() == 4 && k.sizes() == v.sizes() && kc.sizes() == vc.sizes(), "bad shapes");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), S = kc.size(2);
+  TORCH_CHECK(k.size(0) == B && kc.size(0) == B && kc.size(1) == Hkv && kc.size(3) == D && k.size(2) == D && H % Hkv == 0, "bad shapes");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 2 && mask.size(0) == B && mask.size(1) <= S, "mask must be bool (B, E <= S)");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == B, "slots must be int64 (B,)");
+  TORCH_CHECK(cos.numel() == B * D && sin.numel() == B * D && D % 2 == 0, "cos and sin must be (B, D)");
+  if (cache == at::kFloat) return attend<float>(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap);
+  if (cache == at::kHalf) return attend<c10::Half>(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap);
+  return attend<c10::BFloat16>(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap);
 }

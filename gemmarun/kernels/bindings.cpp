@@ -25,7 +25,7 @@ QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qlinear, "quantised linears sharing one input, int16 activations (AVX2)");
-  m.def("decode_attention", &decode_attention, "one decoding step of attention with rope and cache write, float32");
+  m.def("decode_attention", &decode_attention, "one decoding step of attention with rope and cache write (float32, float16 or bfloat16 cache)");
   m.def("rms_norm", &rms_norm, "Gemma RMSNorm with the (1 + w) scale, plus an optional residual, float32 (AVX2)",
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("geglu", &geglu, "gelu_tanh(gate) * up, float32 (AVX2)");

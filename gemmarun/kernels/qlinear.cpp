@@ -137,9 +137,6 @@ inline void load_block(const uint8_t* wrow, int64_t b, __m256i& w0, __m256i& w1)
   }
 }
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-
 // sum_g (mins[g] - scales[g] * zero) * xg[g]: the weights' offset terms against the group sums.
 template <typename S>
 inline float offset_dot(const S* scales, const S* mins, float zero, const float* xg, int64_t ng) {
