@@ -86,6 +86,8 @@ def run_gemmarun(spec: dict) -> Measurement:
     ttft = stamps[0] - t
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     label = spec.get("label") or spec.get("quantize") or str(lm.model.dtype).removeprefix("torch.")
+    if spec.get("cache_dtype"):
+        label += f", {spec['cache_dtype']} cache"
     return Measurement("gemmarun", label, packed_bytes(lm.model) / 2**20, load_s, _peak_rss_mb(), prefill, ttft, decode)
 
 
@@ -309,11 +311,18 @@ def run_suite(specs: list[tuple[str, dict]], threads: int, log=print) -> tuple[l
 
 
 def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: int, decode: int, cache: Path, log=print,
-              compile: bool = False):  # fmt: skip
+              compile: bool = False, cache_dtype: str | None = None):  # fmt: skip
     """The engine runs of one suite: the gemma-2-2b shape, or one model file against llama.cpp.
     compile adds gemmarun in bfloat16 decoding through torch.compile (dense weights only; a packed
-    file is decoded to bfloat16 for it)."""
-    run = dict(prefill=prefill, decode=decode, context=max(prefill, 32 + decode) + 8)
+    file is decoded to bfloat16 for it). cache_dtype: every gemmarun row's KV cache dtype."""
+    specs = _suite(shape, model, engines, dict(prefill=prefill, decode=decode, context=max(prefill, 32 + decode) + 8), cache, log, compile)
+    if cache_dtype in (None, "auto"):
+        return specs
+    return [(e, dict(s, cache_dtype=cache_dtype) if e == "gemmarun" else s) for e, s in specs]
+
+
+def _suite(shape: str | None, model: str | None, engines: set[str], run: dict, cache: Path, log, compile: bool):
+    """specs_for's runs, each engine's as it comes (`run`: the lengths every run shares)."""
     eager = dict(dtype="bfloat16", quantize="none", label="bfloat16")
     compiled = dict(eager, compile=True, label="bfloat16 compiled")
     specs = []
@@ -352,12 +361,12 @@ def specs_for(shape: str | None, model: str | None, engines: set[str], prefill: 
 
 
 def report(title: str, shape: str | None, model: str | None, engines: set[str], threads: int, prefill: int, decode: int,
-           compile: bool = False) -> str:  # fmt: skip
+           compile: bool = False, cache_dtype: str | None = None) -> str:  # fmt: skip
     """Run one suite and return its markdown section (progress goes to stderr)."""
     from .default_model import cache_dir
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    specs = specs_for(shape, model, engines, prefill, decode, cache_dir() / "bench", log, compile)
+    specs = specs_for(shape, model, engines, prefill, decode, cache_dir() / "bench", log, compile, cache_dtype)
     rows, bandwidth = run_suite(specs, threads, log)
     base = next((m for m in rows if m.engine == "transformers" and m.weights == "bfloat16"), None)
     return (f"### {title}\nmemory read bandwidth {bandwidth:.1f} GB/s, {threads} threads; prefill {prefill} tokens; "

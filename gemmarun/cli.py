@@ -143,7 +143,8 @@ def cmd_bench(args) -> int:
         raise GemmarunError(f"unknown engine(s) {', '.join(sorted(unknown))}; choose from gemmarun, transformers, llama.cpp")
     title = args.shape or args.model or "default model"
     try:
-        print(report(title, args.shape, args.model, engines, args.threads, args.prefill, args.decode, args.compile))
+        print(report(title, args.shape, args.model, engines, args.threads, args.prefill, args.decode, args.compile,
+                     args.cache_dtype))  # fmt: skip
     except ValueError as e:
         raise GemmarunError(str(e)) from None
     return 0
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill figure")
     b.add_argument("--decode", type=int, default=128, help="tokens decoded for the decode figure")
     b.add_argument("--compile", action="store_true", help="add a gemmarun bfloat16 row decoding through torch.compile")
+    b.add_argument("--cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="KV cache dtype of the gemmarun rows (auto: the activations' dtype)")  # fmt: skip
     b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="list the models available locally")

@@ -82,3 +82,11 @@ def test_bad_cache_dtype(folder):
     r = subprocess.run([sys.executable, "-m", "gemmarun.cli", "generate", "--model", str(folder), "--cache-dtype", "int8", "x"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "invalid choice: 'int8'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_rows_take_the_cache_dtype(tmp_path):
+    from gemmarun.bench import specs_for
+
+    specs = specs_for(None, None, {"gemmarun", "llama.cpp"}, 64, 16, tmp_path, cache_dtype="float16")
+    assert [(e, s.get("cache_dtype")) for e, s in specs] == [("gemmarun", "float16"), ("llama.cpp", None)]
+    assert all("cache_dtype" not in s for _, s in specs_for(None, None, {"gemmarun"}, 64, 16, tmp_path, cache_dtype="auto"))
