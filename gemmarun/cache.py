@@ -48,6 +48,11 @@ class KVCache:
         self.pos = {kind: torch.full((b, n + 1), -1, dtype=torch.long, device=device) for kind, n in self.size.items()}
         self.filled = 0  # 1 + the highest position written so far (global slots are positions)
 
+    @classmethod
+    def for_model(cls, model, batch_size: int, context: int, static: bool = False) -> "KVCache":
+        """A cache for `model` (a Gemma): its config, device and cache_dtype."""
+        return cls(model.config, batch_size, context, model.cache_dtype, model.device, static=static)
+
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget everything (or only the given batch rows) so the slots can be reused."""
         for p in self.pos.values():

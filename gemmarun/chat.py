@@ -69,7 +69,7 @@ class ChatSession:
         self.params = params or SamplingParams(max_new_tokens=512)
         self.notify = notify or (lambda message: None)
         self.prefill_chunk = prefill_chunk or prefill_chunk_for(lm.model)
-        self.cache = KVCache(lm.config, 1, lm.context, lm.model.cache_dtype, lm.model.device)
+        self.cache = KVCache.for_model(lm.model, 1, lm.context)
         self.reset()
 
     def reset(self) -> None:

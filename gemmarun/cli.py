@@ -8,9 +8,12 @@ import warnings
 from .errors import GemmarunError
 
 
+DTYPES = ["auto", "float32", "bfloat16", "float16"]  # --dtype and --cache-dtype
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="checkpoint folder, .gguf file or Hugging Face repo id (default: Gemma 3 270M)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="activation dtype (auto: float32 on CPU, bfloat16 on GPU)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--context", type=int, help="context length to allocate (default: the model's)")
@@ -19,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantise weights at load (int8 per channel, int4 in groups); 'none' decodes a GGUF's "
                         "blocks to dense weights (default: keep the checkpoint's own form)")  # fmt: skip
     p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128], help="int4 group size (default 32)")
-    p.add_argument("--cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    p.add_argument("--cache-dtype", choices=DTYPES, default="auto",
                    help="KV cache dtype: float16 or bfloat16 halve a float32 cache (auto: the activations' dtype)")  # fmt: skip
 
 
@@ -274,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill figure")
     b.add_argument("--decode", type=int, default=128, help="tokens decoded for the decode figure")
     b.add_argument("--compile", action="store_true", help="add a gemmarun bfloat16 row decoding through torch.compile")
-    b.add_argument("--cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    b.add_argument("--cache-dtype", choices=DTYPES, default="auto",
                    help="KV cache dtype of the gemmarun rows (auto: the activations' dtype)")  # fmt: skip
     b.set_defaults(func=cmd_bench)
 

@@ -143,7 +143,7 @@ class Engine:
         self.sequences = Generator(lm.model, lm.tokenizer, self.context, prefill_chunk)
         self.prefill_chunk = prefill_chunk
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.cache = KVCache(lm.config, max_batch, self.context, lm.model.cache_dtype, lm.model.device)
+        self.cache = KVCache.for_model(lm.model, max_batch, self.context)
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: deque[Handle] = deque()
         self._cond = threading.Condition()

@@ -171,9 +171,9 @@ class Generator:
             return
         size = min(max(len(s.prompt) + s.max_new for s in seqs), self.context)
         if self.compile:
-            cache = KVCache(model.config, b, static_context(size, self.context), model.cache_dtype, model.device, static=True)
+            cache = KVCache.for_model(model, b, static_context(size, self.context), static=True)
         else:
-            cache = KVCache(model.config, b, size, model.cache_dtype, model.device)
+            cache = KVCache.for_model(model, b, size)
         step = self._compiled_step if self.compile else model
         with torch.inference_mode():
             logits = self._prefill(seqs, cache)  # (B, V)

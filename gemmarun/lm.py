@@ -87,7 +87,7 @@ class LanguageModel:
         with torch.inference_mode():
             if t <= chunk:
                 return self.model(ids[None].to(device), torch.arange(t, device=device)[None])[0]
-            cache = KVCache(self.config, 1, t, self.model.cache_dtype, device)
+            cache = KVCache.for_model(self.model, 1, t)
             parts = [
                 self.model(ids[None, s : s + chunk].to(device), torch.arange(s, min(s + chunk, t), device=device)[None], cache)[0]
                 for s in range(0, t, chunk)

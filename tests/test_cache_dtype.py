@@ -32,7 +32,7 @@ def _logits(lm, ids: torch.Tensor, prompt: int) -> tuple[torch.Tensor, str]:
     """Logits of ids through a cache of the model's cache_dtype: the first `prompt` tokens prefilled
     in chunks of 8 (across the window of 16), the rest one decoding step each."""
     model = lm.model
-    cache = KVCache(lm.config, 1, ids.numel(), model.cache_dtype)
+    cache = KVCache.for_model(model, 1, ids.numel())
     out = []
     with torch.inference_mode():
         for s in range(0, prompt, 8):

@@ -125,9 +125,8 @@ class Scorer:
 
     def _extend(self, base: _State | None, ids: list[int], size: int) -> _State:
         """A new state holding `ids`, which start with base's ids; base is left untouched."""
-        cfg = self.model.config
         if base is None:
-            cache, start, last = KVCache(cfg, 1, size, self.model.cache_dtype, self.model.device), 0, None
+            cache, start, last = KVCache.for_model(self.model, 1, size), 0, None
         else:
             cache, start, last = _copy_cache(base.cache, 1), len(base.ids), base.last
         device = self.model.device
@@ -174,7 +173,7 @@ class Scorer:
             raise ValueError(f"{len(ids)} tokens do not fit the context of {self.lm.context}")
         score_from = max(score_from, 1)
         device = self.model.device
-        cache = KVCache(self.model.config, 1, len(ids), self.model.cache_dtype, device)
+        cache = KVCache.for_model(self.model, 1, len(ids))
         logps, greedy = [], []
         with torch.inference_mode():
             for s in range(0, len(ids) - 1, self.chunk):
