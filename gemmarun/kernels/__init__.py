@@ -1,8 +1,18 @@
-"""The AVX2 kernels (quantised matmul, decode attention, RMSNorm, GeGLU, int4 rounding search), compiled once on first use and cached; None where unavailable."""
+"""The C++ kernels (quantised matmul, decode attention, RMSNorm, GeGLU, int4 rounding search), one
+build per CPU variant, compiled on first use and cached; None where unavailable.
+
+Variants (isa/*.h; the ISA-free code in src/ is shared): `generic` (scalar C++, any CPU, the
+reference the others are tested against), `avx2` (AVX2 + FMA + F16C), `avx512` (AVX-512 F/BW/VL +
+VNNI) and `neon` (AArch64). The best one the CPU runs is chosen from its feature flags;
+GEMMARUN_KERNELS=generic|avx2|avx512|neon forces one, and a name that is unknown or that this CPU
+cannot run raises gemmarun.errors.ConfigError (a forced choice that silently fell back would
+measure or test something else than asked). GEMMARUN_NO_KERNELS=1 keeps the portable PyTorch path.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import sys
 import warnings
 from functools import lru_cache
@@ -10,49 +20,116 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
+
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("bindings.cpp", "qlinear.cpp", "attention.cpp", "elementwise.cpp", "decode.cpp", "quantize.cpp")]
-HEADERS = [HERE / n for n in ("simd.h", "kernels.h")]
+SOURCES = [HERE / "src" / n for n in ("bindings.cpp", "qlinear.cpp", "attention.cpp", "elementwise.cpp", "decode.cpp", "quantize.cpp")]
+HEADERS = sorted((HERE / "src").glob("*.h")) + sorted((HERE / "isa").glob("*.h"))
+
+VARIANTS = ("avx512", "avx2", "neon", "generic")  # best first
+# -fopenmp: at::parallel_for is inline and runs serially without it; libgomp.so.1 is the runtime
+# torch itself ships, so the process keeps one thread pool.
+_FLAGS = {
+    "generic": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"],
+    "neon": [],  # Advanced SIMD is part of every AArch64 CPU
+}
+# /proc/cpuinfo flags each x86 variant needs
+_X86_NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx2", "fma", "f16c"), "avx2": ("avx2", "fma", "f16c")}
 
 
-def _build_dir() -> Path:
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, ARM `Features`), or None where unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+@lru_cache(maxsize=1)
+def available() -> tuple[str, ...]:
+    """The variants this CPU can run, best first (always ending with generic)."""
+    machine = platform.machine().lower()
+    found = []
+    if machine in ("aarch64", "arm64"):
+        found.append("neon")
+    elif machine in ("x86_64", "amd64"):
+        flags = _cpu_flags()
+        if flags is None:  # no /proc (macOS, some containers): PyTorch's own detection
+            cap = torch.backends.cpu.get_cpu_capability()
+            flags = {"avx2", "fma", "f16c"} if cap in ("AVX2", "AVX512") else set()
+        found += [v for v, need in _X86_NEEDS.items() if flags.issuperset(need)]
+    return (*found, "generic")
+
+
+def chosen() -> str | None:
+    """The variant the kernels use here: GEMMARUN_KERNELS, else the best available; None with GEMMARUN_NO_KERNELS=1."""
+    if os.environ.get("GEMMARUN_NO_KERNELS") == "1":
+        return None
+    forced = os.environ.get("GEMMARUN_KERNELS", "").strip().lower()
+    if not forced:
+        return available()[0]
+    if forced not in VARIANTS:
+        raise ConfigError(f"GEMMARUN_KERNELS={forced!r} is not a kernel variant (choose from {', '.join(VARIANTS)})")
+    if forced not in available():
+        raise ConfigError(f"GEMMARUN_KERNELS={forced}: this CPU cannot run it (it runs {', '.join(available())})")
+    return forced
+
+
+def _build_dir(name: str) -> Path:
     from ..default_model import cache_dir
 
-    # One folder per torch version and source, so an upgrade never loads a stale binary.
+    # One folder per torch version, source and variant, so an upgrade never loads a stale binary.
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS)).hexdigest()[:12]
-    tag = f"torch{torch.__version__.replace('+', '_')}-{digest}"
+    tag = f"torch{torch.__version__.replace('+', '_')}-{digest}-{name}"
     d = cache_dir() / "kernels" / tag
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-@lru_cache(maxsize=1)
-def _module():
-    """The compiled extension, or None (no AVX2, no compiler, or GEMMARUN_NO_KERNELS=1)."""
-    if os.environ.get("GEMMARUN_NO_KERNELS") == "1":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
+@lru_cache(maxsize=None)
+def module(name: str):
+    """The compiled extension of one variant (built on first use), or None if it cannot be built.
+    Any variant this CPU runs can be loaded next to the one in use (the tests compare them)."""
+    if name not in VARIANTS or name not in available():
+        raise ConfigError(f"kernel variant {name!r} does not run on this CPU (it runs {', '.join(available())})")
     try:
         from torch.utils.cpp_extension import load
 
-        build = _build_dir()
+        build = _build_dir(name)
         if not list(build.glob("*.so")):
-            print("gemmarun: compiling the AVX2 kernels (once, about a minute)", file=sys.stderr, flush=True)
-        module = load(
-            name="gemmarun_avx2",
+            print(f"gemmarun: compiling the {name} kernels (once, about a minute)", file=sys.stderr, flush=True)
+        return load(
+            name=f"gemmarun_{name}",
             sources=[str(s) for s in SOURCES],
-            # -fopenmp: at::parallel_for is inline and runs serially without it; libgomp.so.1 is
-            # the runtime torch itself ships, so the process keeps one thread pool.
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=["-O3", *_FLAGS[name], f"-DGEMMARUN_ISA_{name.upper()}", f"-DGEMMARUN_NS=gemmarun_{name}", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=False,
         )
     except Exception as e:  # no compiler or headers: the portable path computes the same products in float32
-        warnings.warn(f"the AVX2 kernel could not be built ({type(e).__name__}: {str(e)[:200]}); using the slower portable path")
+        warnings.warn(f"the {name} kernels could not be built ({type(e).__name__}: {str(e)[:200]}); using the slower portable path")
         return None
-    return module
+
+
+@lru_cache(maxsize=1)
+def _module():
+    """The extension in use, or None (GEMMARUN_NO_KERNELS=1, or no compiler)."""
+    name = chosen()
+    return module(name) if name is not None else None
+
+
+def variant() -> str | None:
+    """The name of the kernel variant in use ("avx2", "generic", ...), or None when the portable
+    PyTorch path runs (GEMMARUN_NO_KERNELS=1, or the kernels could not be built)."""
+    m = _module()
+    return m.variant() if m is not None else None
 
 
 def _entry(name: str):
@@ -63,7 +140,7 @@ def _entry(name: str):
 
 
 def qlinear_kernel():
-    """qlinear(x, [q], [scales], [mins], [group], [zero], [bits]) -> [x @ W.T] (see qlinear.cpp), or None."""
+    """qlinear(x, [q], [scales], [mins], [group], [zero], [bits]) -> [x @ W.T] (see src/qlinear.cpp), or None."""
     return _entry("qlinear")
 
 
@@ -83,10 +160,10 @@ def geglu_kernel():
 
 
 def decode_stack_class():
-    """DecodeStack(layers, eps): every decoder layer of a decoding step in one call (see decode.cpp), or None."""
+    """DecodeStack(layers, eps): every decoder layer of a decoding step in one call (see src/decode.cpp), or None."""
     return _entry("DecodeStack")
 
 
 def int4_search_kernel():
-    """int4_search(w, importance, group) -> (scales, mins), float32 (N, K // group) (see quantize.cpp), or None."""
+    """int4_search(w, importance, group) -> (scales, mins), float32 (N, K // group) (see src/quantize.cpp), or None."""
     return _entry("int4_search")

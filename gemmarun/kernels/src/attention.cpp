@@ -8,16 +8,35 @@
 // roughly 1.5 ms a layer on the 2B shape, more than the layer's quantised matmuls take on the 270M.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
+#include "../isa/select.h"
 #include "kernels.h"
-#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+namespace GEMMARUN_NS {
+
 namespace {
+
+using gemmarun_isa::Isa;
+
+// The ISA layer's view of a cache element: the same 16 bits, without PyTorch's types.
+template <typename T> struct Bits { using type = T; };
+template <> struct Bits<c10::Half> { using type = gemmarun_isa::half; };
+template <> struct Bits<c10::BFloat16> { using type = gemmarun_isa::bfloat16; };
+static_assert(sizeof(c10::Half) == 2 && sizeof(c10::BFloat16) == 2, "16-bit cache types");
+
+template <typename T>
+float dot(const float* a, const T* b, int64_t D) {
+  return Isa::dot(a, reinterpret_cast<const typename Bits<T>::type*>(b), D);
+}
+
+template <typename T>
+void axpy(float a, const T* x, float* y, int64_t D) {
+  Isa::axpy(a, reinterpret_cast<const typename Bits<T>::type*>(x), y, D);
+}
 
 // Rotary embedding, half-split layout: out[i] = x[i] cos[i] - x[i + h] sin[i], out[i + h] = x[i + h] cos[i + h] + x[i] sin[i + h].
 // Computed in float32, then rounded (to nearest even) to the output's type.
@@ -28,24 +47,6 @@ void rope(const float* x, const float* cos, const float* sin, T* out, int64_t D)
     out[i] = static_cast<T>(x[i] * cos[i] - x[i + h] * sin[i]);
     out[i + h] = static_cast<T>(x[i + h] * cos[i + h] + x[i] * sin[i + h]);
   }
-}
-
-template <typename T>
-float dot(const float* a, const T* b, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
-  float s = hsum8(acc);
-  for (; i < D; ++i) s += a[i] * static_cast<float>(b[i]);
-  return s;
-}
-
-template <typename T>
-void axpy(float a, const T* x, float* y, int64_t D) {
-  const __m256 va = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < D; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 
 constexpr int64_t MIN_SPAN = 64;  // keys a task takes at least: fewer and the merge costs more than it spreads
@@ -169,3 +170,5 @@ at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
   if (cache == at::kHalf) return attend<c10::Half>(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap);
   return attend<c10::BFloat16>(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap);
 }
+
+}  // namespace GEMMARUN_NS

@@ -5,6 +5,18 @@
 #include <tuple>
 #include <vector>
 
+// Every variant's code lives in a namespace of its own (kernels/__init__.py passes
+// -DGEMMARUN_NS=gemmarun_avx2 and so on), so two variants loaded in one process (the tests compare
+// them) never resolve each other's symbols.
+#ifndef GEMMARUN_NS
+#define GEMMARUN_NS gemmarun_generic
+#endif
+
+namespace GEMMARUN_NS {
+
+// The variant this build was compiled for: "generic", "avx2", "avx512" or "neon".
+const char* variant();
+
 // qlinear.cpp: x (..., K) against each quantised matrix; one (..., N) result per matrix.
 std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::vector<at::Tensor> scales,
                                 std::vector<c10::optional<at::Tensor>> mins, std::vector<int64_t> groups,
@@ -49,3 +61,5 @@ class DecodeStack {
   std::vector<DecodeLayer> layers_;
   double eps_;
 };
+
+}  // namespace GEMMARUN_NS

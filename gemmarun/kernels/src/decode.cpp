@@ -2,6 +2,8 @@
 // kernels paid ~200 us a layer in module calls and attribute lookups on the 270M (18 layers).
 #include "kernels.h"
 
+namespace GEMMARUN_NS {
+
 namespace {
 
 std::vector<at::Tensor> project(const at::Tensor& x, const QuantMatrices& m) {
@@ -34,3 +36,5 @@ at::Tensor DecodeStack::forward(at::Tensor x, std::vector<at::Tensor> k_cache, s
   }
   return x;
 }
+
+}  // namespace GEMMARUN_NS

@@ -4,6 +4,7 @@
 #include "kernels.h"
 
 namespace py = pybind11;
+using namespace GEMMARUN_NS;
 
 namespace {
 
@@ -24,14 +25,16 @@ QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("qlinear", &qlinear, "quantised linears sharing one input, int16 activations (AVX2)");
+  m.def("variant", &variant, "the ISA layer this build was compiled for");
+  m.def("qlinear", &qlinear, "quantised linears sharing one input, int16 activations");
   m.def("decode_attention", &decode_attention, "one decoding step of attention with rope and cache write (float32, float16 or bfloat16 cache)");
-  m.def("rms_norm", &rms_norm, "Gemma RMSNorm with the (1 + w) scale, plus an optional residual, float32 (AVX2)",
+  m.def("rms_norm", &rms_norm, "Gemma RMSNorm with the (1 + w) scale, plus an optional residual, float32",
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("residual") = py::none());
-  m.def("geglu", &geglu, "gelu_tanh(gate) * up, float32 (AVX2)");
+  m.def("geglu", &geglu, "gelu_tanh(gate) * up, float32");
   m.def("int4_search", &int4_search, "int4 group scales and mins minimising the weighted rounding error",
         py::arg("w"), py::arg("importance"), py::arg("group"));
-  py::class_<DecodeStack>(m, "DecodeStack")
+  // module_local: each variant registers its own class (pybind11 keeps one registry per process)
+  py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
       .def(py::init([](py::list layers, double eps) {
              std::vector<DecodeLayer> ls;
              for (auto item : layers) {
