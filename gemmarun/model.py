@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import TORCH_OPS, Backend
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
-from .kernels import attention_kernel, decode_stack_class, geglu_kernel, rms_norm_kernel
-from .quant import QuantLinear, linears, on_kernel
+from .kernels import attention_kernel, decode_stack_module, geglu_kernel, rms_norm_kernel
 
 
 class RMSNorm(nn.Module):
@@ -23,18 +23,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))  # stored as w; the scale is (1 + w)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """norm(x), or residual + norm(x) (a block's skip connection) in one pass when given."""
-        # fp32 throughout, and 1 + w added in fp32: in bf16 the sum loses w's low bits.
-        kernel = rms_norm_kernel() if x.device.type == "cpu" else None
-        if kernel is not None and (residual is None or residual.dtype == torch.float32):
-            # one fused call instead of four or five ops: ~110 norms per decoded token
-            out = kernel(x.float().contiguous(), self.weight.float(), self.eps, residual if residual is None else residual.contiguous())
-            return out.type_as(x)
-        # (F.rms_norm computes x * rsqrt(mean(x^2) + eps) * scale in one op, in x's dtype.)
-        scale = self.weight.float() + 1.0
-        out = F.rms_norm(x.float(), scale.shape, scale, self.eps).type_as(x)
-        return out if residual is None else residual + out  # the add in the activation dtype, as the reference
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, ops: Backend = TORCH_OPS) -> torch.Tensor:
+        """norm(x), or residual + norm(x) (a block's skip connection) in one pass when given; with
+        the model's ops inside Gemma.forward, PyTorch's formula when called on its own."""
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Linear(nn.Linear):
@@ -107,21 +99,18 @@ class Attention(nn.Module):
         self.scale = config.query_pre_attn_scalar ** -0.5
         self.softcap = config.attn_logit_softcapping
 
-    def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None):
+    def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None, ops: Backend):
         b, t, _ = x.shape
-        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = ops.linears(x, (self.q_proj, self.k_proj, self.v_proj))
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv, self.head_dim)
         v = v.view(b, t, self.n_kv, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        kernel = attention_kernel() if t == 1 and cache is not None and x.dtype == torch.float32 and x.device.type == "cpu" else None
-        if kernel is not None and not plan.concat:  # a decoding step: one fused call instead of ~25 ops
-            out = kernel(q.view(b, self.n_heads, self.head_dim).contiguous(), k.view(b, self.n_kv, self.head_dim).contiguous(),
-                         v.view(b, self.n_kv, self.head_dim).contiguous(), cache.k[self.layer], cache.v[self.layer],
-                         plan.slots.view(b), plan.mask.view(b, -1), cos.view(b, -1), sin.view(b, -1),
-                         self.scale, self.softcap or 0.0)  # fmt: skip
-            return self.o_proj(out.view(b, 1, -1))
+            q, k = self.q_norm(q, ops=ops), self.k_norm(k, ops=ops)
+        # a decoding step: one fused call instead of ~25 ops, when the backend takes it
+        out = ops.decode_attention(q, k, v, cache, self.layer, plan, cos, sin, self.scale, self.softcap)
+        if out is not None:
+            return self.o_proj(out)
         v = v.transpose(1, 2)  # (B, Hkv, T, D)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
@@ -152,13 +141,9 @@ class MLP(nn.Module):
         self.up_proj = Linear(h, i, bias=False)
         self.down_proj = Linear(i, h, bias=False)
 
-    def forward(self, x):
-        # GeGLU with the tanh approximation of GELU, as Gemma was trained.
-        gate, up = linears(x, (self.gate_proj, self.up_proj))
-        kernel = geglu_kernel() if gate.dtype == torch.float32 and gate.device.type == "cpu" else None
-        if kernel is not None:
-            return self.down_proj(kernel(gate.contiguous(), up.contiguous()))
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+    def forward(self, x, ops: Backend):
+        gate, up = ops.linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(ops.geglu(gate, up))  # GeGLU, tanh GELU, as Gemma was trained
 
 
 class Block(nn.Module):
@@ -173,9 +158,9 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def forward(self, x, cos, sin, plan, cache):
-        x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, plan, cache), residual=x)
-        return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)), residual=x)
+    def forward(self, x, cos, sin, plan, cache, ops: Backend):
+        x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x, ops=ops), cos, sin, plan, cache, ops), x, ops)
+        return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x, ops=ops), ops), x, ops)
 
 
 class TiedEmbedding(nn.Embedding):
@@ -205,37 +190,33 @@ class Gemma(nn.Module):
         self.model = Backbone(config)
         self.rope_global = Rope(config.head_dim, config.rope_theta, config.rope_scaling_factor)
         self.rope_local = Rope(config.head_dim, config.rope_local_theta)
+        self._ops: Backend | None = None  # chosen on the first forward after loading or moving
         self._stack = None  # the C++ decode loop over the layers, built on the first decoding step
         self._cache_dtype: torch.dtype | None = None
 
     def _apply(self, fn, recurse=True):
-        self._stack = None  # it holds the weight tensors, which .to() and friends replace
+        # a move may change the device or dtype the backend was chosen for, and the decode stack
+        # holds the weight tensors, which .to() and friends replace
+        self._ops, self._stack = None, None
         return super()._apply(fn, recurse)
+
+    @property
+    def ops(self) -> Backend:
+        """The ops this model runs, decided once for its device: PyTorch's off the CPU; on it, the C++
+        kernels of this process's variant (each op falls back to PyTorch for calls its kernel does not take)."""
+        if torch.compiler.is_compiling():  # a lookup now would find no kernels (see backend.py): never cached
+            return self._ops or TORCH_OPS
+        if self._ops is None:
+            cpu = self.device.type == "cpu"
+            self._ops = Backend(rms_norm_kernel(), geglu_kernel(), attention_kernel(), decode_stack_module()) if cpu else TORCH_OPS
+        return self._ops
 
     def decode_stack(self):
         """Every layer of a one-token step in one C++ call, when all matrices are quantised for the
         kernel and activations are float32 on CPU; False otherwise (the layers run as modules)."""
         if self._stack is None:
-            cls = decode_stack_class()
-            layers = self.model.layers
-            ok = cls is not None and self.dtype == torch.float32 and self.device.type == "cpu"
-            ok = ok and all(on_kernel(m) for m in layers.modules() if isinstance(m, (nn.Linear, QuantLinear)))
-            self._stack = cls([self._layer_spec(layer) for layer in layers], self.config.rms_norm_eps) if ok else False
+            self._stack = self.ops.decode_stack(self) or False
         return self._stack
-
-    @staticmethod
-    def _layer_spec(layer: "Block") -> dict:
-        a, mlp = layer.self_attn, layer.mlp
-        return {
-            "input_norm": layer.input_layernorm.weight.float(), "post_attention_norm": layer.post_attention_layernorm.weight.float(),
-            "pre_feedforward_norm": layer.pre_feedforward_layernorm.weight.float(),
-            "post_feedforward_norm": layer.post_feedforward_layernorm.weight.float(),
-            "q_norm": a.q_norm.weight.float() if a.qk_norm else None, "k_norm": a.k_norm.weight.float() if a.qk_norm else None,
-            "qkv": [m.kernel_args for m in (a.q_proj, a.k_proj, a.v_proj)], "o": [a.o_proj.kernel_args],
-            "gate_up": [m.kernel_args for m in (mlp.gate_proj, mlp.up_proj)], "down": [mlp.down_proj.kernel_args],
-            "sliding": a.sliding, "heads": a.n_heads, "kv_heads": a.n_kv, "head_dim": a.head_dim,
-            "scale": a.scale, "softcap": a.softcap or 0.0,
-        }  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:
@@ -282,14 +263,15 @@ class Gemma(nn.Module):
                                     g.mask.view(b, -1), cos_l.view(b, -1), sin_l.view(b, -1), s.slots.view(b), s.mask.view(b, -1))
             x = x.view(b, 1, -1)
         else:
+            ops = self.ops
             for layer in self.model.layers:
                 if layer.self_attn.sliding:
-                    x = layer(x, cos_l, sin_l, plans["sliding"], cache)
+                    x = layer(x, cos_l, sin_l, plans["sliding"], cache, ops)
                 else:
-                    x = layer(x, cos_g, sin_g, plans["global"], cache)
+                    x = layer(x, cos_g, sin_g, plans["global"], cache, ops)
         if select is not None:
             x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (B, 1, C)
-        x = self.model.norm(x)
+        x = self.model.norm(x, ops=self.ops)
         logits = self.model.embed_tokens.attend(x).float()  # tied LM head
         if cfg.final_logit_softcapping is not None:
             # Final soft-cap: greedy decoding hides its absence, log-probabilities do not.

@@ -174,13 +174,14 @@ def test_int4_search_equals_generic(generic, variant):
 def test_decode_stack_equals_generic(generic, variant, kind, scheme, tmp_path):
     """The whole C++ decoding step of each variant against generic's, past the sliding window."""
     import gemmarun
+    from gemmarun.backend import kernel_backend
     from gemmarun.cache import KVCache
     from checkpoints import make_reference, save_checkpoint
 
     folder = save_checkpoint(make_reference(kind, seed=5, initializer_range=0.05), tmp_path)
     model = gemmarun.load(folder, quantize=scheme).model
-    specs = [model._layer_spec(layer) for layer in model.model.layers]
-    stacks = [m.DecodeStack(specs, model.config.rms_norm_eps) for m in (variant, generic)]
+    stacks = [kernel_backend(m).decode_stack(model) for m in (variant, generic)]
+    assert None not in stacks
     ids = torch.randint(3, model.config.vocab_size, (2, 30), generator=_gen(6))
     caches = [KVCache(model.config, 2, 30, torch.float32) for _ in stacks]
     with torch.inference_mode():

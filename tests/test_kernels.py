@@ -5,11 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemmarun import kernels
+from gemmarun.errors import ConfigError
 from gemmarun.kernels import attention_kernel, geglu_kernel, int4_search_kernel, rms_norm_kernel
 from gemmarun.model import apply_rope
 from gemmarun.quant import int4_search
 
-pytestmark = pytest.mark.skipif(geglu_kernel() is None, reason="no AVX2 kernels on this machine: the torch path runs")
+pytestmark = pytest.mark.skipif(geglu_kernel() is None, reason="no C++ kernels on this machine: the torch path runs")
 
 
 def test_geglu_matches_float64():
@@ -131,3 +133,25 @@ def test_int4_search_matches_float64_and_beats_min_max():
         assert (got <= minmax * (1 + 1e-4) + 1e-12).all()
         assert got.sum().item() == pytest.approx(ref.sum().item(), rel=1e-4)
         assert got.sum() < 0.9 * minmax.sum()  # the search pays: measured 0.75-0.8 of min/max here
+
+
+def test_variant_choice_and_its_errors(monkeypatch):
+    # The best variant the CPU runs by default; GEMMARUN_KERNELS forces one; a name that is unknown
+    # or that this CPU cannot run is a one-line ConfigError, not a silent fallback.
+    assert kernels.available()[-1] == "generic" and set(kernels.available()) <= set(kernels.VARIANTS)
+    monkeypatch.delenv("GEMMARUN_KERNELS", raising=False)
+    monkeypatch.delenv("GEMMARUN_NO_KERNELS", raising=False)
+    assert kernels.chosen() == kernels.available()[0]
+    monkeypatch.setenv("GEMMARUN_KERNELS", " Generic ")
+    assert kernels.chosen() == "generic"
+    monkeypatch.setenv("GEMMARUN_KERNELS", "sse9")
+    with pytest.raises(ConfigError, match="not a kernel variant"):
+        kernels.chosen()
+    missing = [v for v in kernels.VARIANTS if v not in kernels.available()]
+    if missing:
+        monkeypatch.setenv("GEMMARUN_KERNELS", missing[0])
+        with pytest.raises(ConfigError, match="cannot run"):
+            kernels.chosen()
+    monkeypatch.setenv("GEMMARUN_NO_KERNELS", "1")
+    assert kernels.chosen() is None
+    assert kernels.variant() in kernels.available()  # the variant this process loaded names itself

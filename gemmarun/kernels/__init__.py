@@ -164,6 +164,14 @@ def decode_stack_class():
     return _entry("DecodeStack")
 
 
+def decode_stack_module():
+    """The extension whose DecodeStack, DecodeLayer and Matrices build the C++ decode loop (see
+    gemmarun/backend.py), or None."""
+    if torch.compiler.is_compiling():
+        return None
+    return _module()
+
+
 def int4_search_kernel():
     """int4_search(w, importance, group) -> (scales, mins), float32 (N, K // group) (see src/quantize.cpp), or None."""
     return _entry("int4_search")

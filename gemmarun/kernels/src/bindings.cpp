@@ -12,6 +12,7 @@ QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, 
   QuantMatrices m;
   for (auto a : args) {
     auto t = a.cast<py::tuple>();
+    TORCH_CHECK(t.size() == 6, "each matrix is (q, scales, mins, group, zero, bits)");
     m.q.push_back(t[0].cast<at::Tensor>());
     m.scales.push_back(t[1].cast<at::Tensor>());
     m.mins.push_back(t[2].cast<c10::optional<at::Tensor>>());
@@ -33,33 +34,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("geglu", &geglu, "gelu_tanh(gate) * up, float32");
   m.def("int4_search", &int4_search, "int4 group scales and mins minimising the weighted rounding error",
         py::arg("w"), py::arg("importance"), py::arg("group"));
-  // module_local: each variant registers its own class (pybind11 keeps one registry per process)
-  py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
-      .def(py::init([](py::list layers, double eps) {
-             std::vector<DecodeLayer> ls;
-             for (auto item : layers) {
-               auto d = item.cast<py::dict>();
-               DecodeLayer L;
-               L.input_norm = d["input_norm"].cast<at::Tensor>();
-               L.post_attention_norm = d["post_attention_norm"].cast<at::Tensor>();
-               L.pre_feedforward_norm = d["pre_feedforward_norm"].cast<at::Tensor>();
-               L.post_feedforward_norm = d["post_feedforward_norm"].cast<at::Tensor>();
-               L.q_norm = d["q_norm"].cast<c10::optional<at::Tensor>>();
-               L.k_norm = d["k_norm"].cast<c10::optional<at::Tensor>>();
-               L.qkv = matrices(d["qkv"]);
-               L.o = matrices(d["o"]);
-               L.gate_up = matrices(d["gate_up"]);
-               L.down = matrices(d["down"]);
-               L.sliding = d["sliding"].cast<bool>();
-               L.heads = d["heads"].cast<int64_t>();
-               L.kv_heads = d["kv_heads"].cast<int64_t>();
-               L.head_dim = d["head_dim"].cast<int64_t>();
-               L.scale = d["scale"].cast<double>();
-               L.softcap = d["softcap"].cast<double>();
-               ls.push_back(std::move(L));
-             }
-             return DecodeStack(std::move(ls), eps);
+  // module_local: each variant registers its own classes (pybind11 keeps one registry per process).
+  // The decode stack's contract with Python (gemmarun/backend.py builds it): typed classes with named
+  // fields, so a missing, misspelt or mistyped field fails at construction, not as a wrong layer.
+  py::class_<QuantMatrices>(m, "Matrices", py::module_local())
+      .def(py::init(&matrices), py::arg("args"), "the qlinear arguments (q, scales, mins, group, zero, bits) of matrices sharing an input")
+      .def_property_readonly("count", [](const QuantMatrices& q) { return q.q.size(); });
+  py::class_<DecodeLayer>(m, "DecodeLayer", py::module_local())
+      .def(py::init([](at::Tensor input_norm, at::Tensor post_attention_norm, at::Tensor pre_feedforward_norm,
+                       at::Tensor post_feedforward_norm, c10::optional<at::Tensor> q_norm, c10::optional<at::Tensor> k_norm,
+                       QuantMatrices qkv, QuantMatrices o, QuantMatrices gate_up, QuantMatrices down, bool sliding,
+                       int64_t heads, int64_t kv_heads, int64_t head_dim, double scale, double softcap) {
+             TORCH_CHECK(qkv.q.size() == 3 && o.q.size() == 1 && gate_up.q.size() == 2 && down.q.size() == 1,
+                         "a decoder layer has q, k, v; o; gate, up; down");
+             TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm come together (Gemma 3)");
+             return DecodeLayer{input_norm, post_attention_norm, pre_feedforward_norm, post_feedforward_norm, q_norm, k_norm,
+                                qkv, o, gate_up, down, sliding, heads, kv_heads, head_dim, scale, softcap};
            }),
-           "layers: one dict of weights and shapes per decoder layer (see gemmarun/model.py)")
+           py::kw_only(), py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("pre_feedforward_norm"),
+           py::arg("post_feedforward_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
+           py::arg("down"), py::arg("sliding"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"),
+           py::arg("softcap"), "one decoder layer's float32 norm weights, packed matrices and attention shape (softcap 0: none)")
+      .def_readonly("sliding", &DecodeLayer::sliding)
+      .def_readonly("heads", &DecodeLayer::heads)
+      .def_readonly("kv_heads", &DecodeLayer::kv_heads)
+      .def_readonly("head_dim", &DecodeLayer::head_dim);
+  py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
+      .def(py::init<std::vector<DecodeLayer>, double>(), py::arg("layers"), py::arg("eps"), "every decoder layer, in order")
       .def("forward", &DecodeStack::forward, "every layer for one token per row");
 }

@@ -1,0 +1,106 @@
+"""Kernel dispatch, decided once per model placement: the ops a Gemma forward runs.
+
+A Backend holds the C++ kernel entry points this process uses (gemmarun/kernels, one variant per
+CPU) or none of them; each op runs its kernel when the call fits it (float32 activations, one
+token of decoding for attention) and the PyTorch formula otherwise, so gemmarun/model.py states
+the math once and never asks which machine it runs on. The model chooses its backend when first
+run after loading or moving (Gemma.ops). The kernel entries are looked up at that moment, never
+while torch.compile traces (it cannot trace into the extension; the PyTorch ops compile).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import QuantLinear, linears, on_kernel
+
+
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The kernels for one placement; None entries run as PyTorch ops (TORCH_OPS has none)."""
+
+    rms_norm_kernel: Callable | None = None
+    geglu_kernel: Callable | None = None
+    attention_kernel: Callable | None = None
+    stack_module: Any = None  # the extension holding DecodeStack, DecodeLayer and Matrices
+
+    @property
+    def name(self) -> str:
+        """'kernels:<variant>' or 'torch'."""
+        return f"kernels:{self.stack_module.variant()}" if self.stack_module is not None else "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Gemma's norm(x) = x * rsqrt(mean(x^2) + eps) * (1 + w), or residual + norm(x) in one pass."""
+        # fp32 throughout, and 1 + w added in fp32: in bf16 the sum loses w's low bits.
+        if self.rms_norm_kernel is not None and _eager() and (residual is None or residual.dtype == torch.float32):
+            # one fused call instead of four or five ops: ~110 norms per decoded token
+            res = residual if residual is None else residual.contiguous()
+            return self.rms_norm_kernel(x.float().contiguous(), weight.float(), eps, res).type_as(x)
+        # (F.rms_norm computes x * rsqrt(mean(x^2) + eps) * scale in one op, in x's dtype.)
+        scale = weight.float() + 1.0
+        out = F.rms_norm(x.float(), scale.shape, scale, eps).type_as(x)
+        return out if residual is None else residual + out  # the add in the activation dtype, as the reference
+
+    def geglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """GeGLU with the tanh approximation of GELU, as Gemma was trained."""
+        if self.geglu_kernel is not None and _eager() and gate.dtype == torch.float32:
+            return self.geglu_kernel(gate.contiguous(), up.contiguous())
+        return F.gelu(gate, approximate="tanh") * up
+
+    def linears(self, x: torch.Tensor, layers) -> list[torch.Tensor]:
+        """x through linear layers that share it (q, k, v; gate, up): one kernel call when all are packed."""
+        return linears(x, layers)
+
+    def decode_attention(self, q, k, v, cache, layer: int, plan, cos, sin, scale: float, softcap: float | None):
+        """One decoding step's attention with rope and the cache write in one call, (B, 1, H * D);
+        None when this step is not one the kernel takes (the caller runs the PyTorch formula).
+        q (B, 1, H, D), k and v (B, 1, Hkv, D) before rope."""
+        b, t, h, d = q.shape
+        if self.attention_kernel is None or not _eager() or t != 1 or cache is None or q.dtype != torch.float32 or plan.concat:
+            return None
+        out = self.attention_kernel(q.view(b, h, d).contiguous(), k.view(b, -1, d).contiguous(), v.view(b, -1, d).contiguous(),
+                                    cache.k[layer], cache.v[layer], plan.slots.view(b), plan.mask.view(b, -1),
+                                    cos.view(b, -1), sin.view(b, -1), scale, softcap or 0.0)  # fmt: skip
+        return out.view(b, 1, h * d)
+
+    def decode_stack(self, model: nn.Module):
+        """The C++ loop over every decoder layer of a one-token step, when all matrices are packed for
+        the kernel and activations are float32; None otherwise (the layers run as modules)."""
+        m = self.stack_module
+        if m is None or not _eager() or model.dtype != torch.float32:
+            return None
+        layers = model.model.layers
+        if not all(on_kernel(x) for x in layers.modules() if isinstance(x, (nn.Linear, QuantLinear))):
+            return None
+        return m.DecodeStack([decode_layer(m, layer) for layer in layers], model.config.rms_norm_eps)
+
+
+TORCH_OPS = Backend()
+
+
+def kernel_backend(module) -> Backend:
+    """Every op of one compiled kernel extension (gemmarun.kernels.module(variant))."""
+    return Backend(module.rms_norm, module.geglu, module.decode_attention, module)
+
+
+def decode_layer(m, layer) -> Any:
+    """A decoder layer (model.Block) as the extension's typed DecodeLayer: its norm weights in float32,
+    its packed matrices (qlinear's arguments) and its attention shape."""
+    a, mlp = layer.self_attn, layer.mlp
+    return m.DecodeLayer(
+        input_norm=layer.input_layernorm.weight.float(), post_attention_norm=layer.post_attention_layernorm.weight.float(),
+        pre_feedforward_norm=layer.pre_feedforward_layernorm.weight.float(),
+        post_feedforward_norm=layer.post_feedforward_layernorm.weight.float(),
+        q_norm=a.q_norm.weight.float() if a.qk_norm else None, k_norm=a.k_norm.weight.float() if a.qk_norm else None,
+        qkv=m.Matrices([x.kernel_args for x in (a.q_proj, a.k_proj, a.v_proj)]), o=m.Matrices([a.o_proj.kernel_args]),
+        gate_up=m.Matrices([x.kernel_args for x in (mlp.gate_proj, mlp.up_proj)]), down=m.Matrices([mlp.down_proj.kernel_args]),
+        sliding=a.sliding, heads=a.n_heads, kv_heads=a.n_kv, head_dim=a.head_dim, scale=a.scale, softcap=a.softcap or 0.0,
+    )  # fmt: skip
