@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidParameterError
-from .kernels import int4_search_kernel, qlinear_kernel
+from ..errors import InvalidParameterError
+from ..kernels import int4_search_kernel, qlinear_kernel
 
 # Up to this many rows (a whole default prefill chunk) the kernel runs: on a 9216x2304 matrix (2
 # threads) it reaches 75-110 GFLOP/s from 4 rows up, float32 F.linear 54 at 64 rows and 99 at 512
@@ -377,7 +377,7 @@ def regroup(tensors, schemes: dict[str, dict]):
             yield module + ".weight", Packed(got["qweight"], got["scales"], got.get("mins"), int(s["group"]),
                                              float(s["zero"]), int(s["bits"]))  # fmt: skip
     if parts:
-        from .errors import CheckpointError
+        from ..errors import CheckpointError
 
         raise CheckpointError(f"quantised tensors of {', '.join(sorted(parts))} are incomplete; re-run gemmarun quantize")
 
@@ -390,7 +390,7 @@ def save_quantized(lm, folder) -> "Path":
 
     from safetensors.torch import save_file
 
-    from .errors import CheckpointError
+    from ..errors import CheckpointError
 
     folder = Path(folder)
     source = Path(lm.source)
