@@ -266,7 +266,7 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
             continue
         if not path.exists():
             from .loader import load_folder_weights
-            from .weights.gguf_write import write_gguf
+            from .weights.gguf.writer import write_gguf
 
             log(f"writing {path.name} (once)")
             _, model = load_folder_weights(hf, torch.float32, torch.device("cpu"))

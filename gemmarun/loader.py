@@ -169,7 +169,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, quanti
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{path} is a file but not a .gguf; give a checkpoint folder or a .gguf file")
         from .weights.gguf import load_gguf
-        from .weights.gguf_packed import packer
+        from .weights.gguf.relay import packer
 
         keep = quantize is None and device.type == "cpu"
         config, state, metadata = load_gguf(path, dtype=dtype, packer=packer if keep else None)

@@ -16,8 +16,8 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from ..config import GLOBAL, SLIDING, GemmaConfig
-from ..errors import CheckpointError, ConfigError, ModelNotFoundError
+from ...config import GLOBAL, SLIDING, GemmaConfig
+from ...errors import CheckpointError, ConfigError, ModelNotFoundError
 
 ARCHITECTURES = ("gemma2", "gemma3")
 _MAGIC = b"GGUF"
