@@ -13,7 +13,8 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from ...quant import Packed, is_quantizable, pack_nibbles
-from .reader import GGUFTensor, _bits32, _f16, _k_scales, _nibbles, _planes
+from .dequant import _bits32, _f16, _k_scales, _nibbles, _planes
+from .reader import GGUFTensor
 
 
 def _blocks(t: GGUFTensor) -> torch.Tensor:
