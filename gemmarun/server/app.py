@@ -18,10 +18,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import render_messages
-from .engine import Engine, EngineBusyError, EngineClosedError, Event, Handle, Request, TokenLogprob
-from .errors import ContextLengthError, InvalidParameterError
-from .sampling import SamplingParams
+from ..chat import render_messages
+from ..engine import Engine, EngineBusyError, EngineClosedError, Event, Handle, Request, TokenLogprob
+from ..errors import ContextLengthError, InvalidParameterError
+from ..sampling import SamplingParams
 
 MAX_N = 16  # choices per request; each takes a row of the batch
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
@@ -488,7 +488,7 @@ async def _json_body(request: HTTPRequest) -> dict:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

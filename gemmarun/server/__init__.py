@@ -1,0 +1,2 @@
+"""OpenAI-compatible HTTP API over the engine."""
+from .app import BackgroundServer, Server, serve
