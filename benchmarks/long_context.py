@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from gemmarun.bench import measure
-from gemmarun.loader import resolve
+from gemmarun.weights.loader import resolve
 
 
 def main() -> int:

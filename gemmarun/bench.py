@@ -238,7 +238,7 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
     same weights and `gemmarun quantize` copies (int8, int4), made once and cached. The tokenizer is
     Gemma 3's vocabulary cut to Gemma 2's size (speed does not depend on which pieces the ids stand for)."""
     from .config import PRESETS
-    from .default_model import default_model_path
+    from .weights.source import default_model_path
     from .random_checkpoint import write_random_checkpoint
     from .tokenizer import Tokenizer
     from .weights.gguf import read_gguf
@@ -265,7 +265,7 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
                 paths[t] = made
             continue
         if not path.exists():
-            from .loader import load_folder_weights
+            from .weights.loader import load_folder_weights
             from .weights.gguf.writer import write_gguf
 
             log(f"writing {path.name} (once)")
@@ -347,7 +347,7 @@ def _suite(shape: str | None, model: str | None, engines: set[str], run: dict, c
         return specs
     if shape is not None:
         raise ValueError(f"unknown shape {shape!r}; the benchmark knows gemma-2-2b")
-    from .loader import resolve
+    from .weights.loader import resolve
 
     path = resolve(model)
     if "gemmarun" in engines:
@@ -363,7 +363,7 @@ def _suite(shape: str | None, model: str | None, engines: set[str], run: dict, c
 def report(title: str, shape: str | None, model: str | None, engines: set[str], threads: int, prefill: int, decode: int,
            compile: bool = False, cache_dtype: str | None = None) -> str:  # fmt: skip
     """Run one suite and return its markdown section (progress goes to stderr)."""
-    from .default_model import cache_dir
+    from .weights.source import cache_dir
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     specs = specs_for(shape, model, engines, prefill, decode, cache_dir() / "bench", log, compile, cache_dtype)

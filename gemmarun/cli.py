@@ -154,7 +154,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import list_models
+    from .weights.listing import list_models
 
     rows = list_models()
     if not rows:

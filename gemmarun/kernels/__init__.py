@@ -16,7 +16,7 @@ HEADERS = [HERE / n for n in ("simd.h", "kernels.h")]
 
 
 def _build_dir() -> Path:
-    from ..default_model import cache_dir
+    from ..weights.source import cache_dir
 
     # One folder per torch version and source, so an upgrade never loads a stale binary.
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS)).hexdigest()[:12]

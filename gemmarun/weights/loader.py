@@ -10,10 +10,10 @@ from typing import Iterable
 
 import torch
 
-from .config import GemmaConfig
-from .errors import CheckpointError, ConfigError, ModelNotFoundError
-from .model import Gemma
-from .quant import Packed, install, is_quantizable, quantize_weight, scheme_for
+from ..config import GemmaConfig
+from ..errors import CheckpointError, ConfigError, ModelNotFoundError
+from ..model import Gemma
+from ..quant import Packed, install, is_quantizable, quantize_weight, scheme_for
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -81,7 +81,7 @@ def download(repo_id: str) -> Path:
 def resolve(source: str | os.PathLike | None) -> Path:
     """A local folder or .gguf file for `source`; None means the default model."""
     if source is None:
-        from .default_model import default_model_path
+        from .source import default_model_path
 
         return default_model_path()
     path = Path(source).expanduser()
@@ -160,7 +160,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, quanti
     quantize: None keeps a checkpoint as it is stored (GGUF blocks stay packed on CPU, dense
     checkpoints stay dense); "int8"/"int4" quantise dense weights at load; "none" decodes everything.
     """
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
@@ -168,8 +168,8 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, quanti
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{path} is a file but not a .gguf; give a checkpoint folder or a .gguf file")
-        from .weights.gguf import load_gguf
-        from .weights.gguf.relay import packer
+        from .gguf import load_gguf
+        from .gguf.relay import packer
 
         keep = quantize is None and device.type == "cpu"
         config, state, metadata = load_gguf(path, dtype=dtype, packer=packer if keep else None)
@@ -187,8 +187,8 @@ def load_folder_weights(
     """Config and weights of a Hugging Face checkpoint folder (no tokenizer needed)."""
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face checkpoint folder")
-    from .quant import METADATA_KEY, dequantize, regroup
-    from .weights.safetensors import iter_tensors, read_metadata, shard_files
+    from ..quant import METADATA_KEY, dequantize, regroup
+    from .safetensors import iter_tensors, read_metadata, shard_files
 
     config = GemmaConfig.from_json_file(path / "config.json")
     files = shard_files(path)

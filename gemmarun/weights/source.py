@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from ..errors import ModelNotFoundError
 
 NAME = "gemma-3-270m-q4_k_m"
 FILENAME = "gemma-3-270m-q4_k_m.gguf"
