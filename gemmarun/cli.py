@@ -138,7 +138,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import report
+    from .tools.bench import report
 
     engines = {e.strip() for e in args.engines.split(",") if e.strip()}
     unknown = engines - {"gemmarun", "transformers", "llama.cpp"}

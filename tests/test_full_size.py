@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gemmarun.config import PRESETS
-from gemmarun.random_checkpoint import write_random_checkpoint
+from gemmarun.tools.random_checkpoint import write_random_checkpoint
 
 PROBE = r"""
 import json, resource, sys, time

@@ -13,7 +13,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 import gemmarun
-from gemmarun.bench import _current_layout, _llama_quantize
+from gemmarun.tools.bench import _current_layout, _llama_quantize
 from gemmarun.cache import KVCache
 from gemmarun.kernels import int4_search_kernel, qlinear_kernel
 from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, pack_q6,
