@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import GEMMA2_TYPES, GEMMA3_TYPES
-from .source import FILENAME, cache_dir
-from .loader import find_in_hf_cache, hf_cache_dir
+from .source import FILENAME, cache_dir, find_in_hf_cache, hf_cache_dir
 
 
 @dataclass
