@@ -124,10 +124,12 @@ def _token_prompt(value, vocab: int, name: str = "prompt") -> list[int]:
 
 
 def check_model(body: dict, model_id: str) -> None:
+    """A request naming a model must name the one served (OpenAI answers 404 otherwise)."""
     model = _get(body, "model", "string")
     if model is not None and model != model_id:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_id}'",
                        param="model", code="model_not_found")  # fmt: skip
+
 
 def parse_completion(body: dict, tokenizer, model_id: str) -> Parsed:
     """A /v1/completions body: prompts as text, token ids or lists of either."""
@@ -159,9 +161,10 @@ def parse_completion(body: dict, tokenizer, model_id: str) -> Parsed:
     ]  # fmt: skip
     return parsed
 
+
 def parse_chat(body: dict, tokenizer, model_id: str, context: int) -> Parsed:
-    """A /v1/chat/completions body, rendered with the tokenizer's chat template; `context` is the
-    default max_tokens (the row's whole context, as OpenAI's chat default of no limit)."""
+    """A /v1/chat/completions body, its messages rendered as Gemma turns; max_tokens defaults to
+    `context`, the engine's tokens per row."""
     check_model(body, model_id)
     params, n, stream, include_usage = _common(body, default_max_tokens=context)
     messages = body.get("messages")

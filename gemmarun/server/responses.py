@@ -85,7 +85,8 @@ class ResponseWriter:
     # -- whole responses and streams ---------------------------------------------------------
 
     def full_response(self, parsed: Parsed, handles: list[Handle], finals: dict[int, list[Event]], rid: str,
-                       chat: bool) -> dict:  # fmt: skip
+                      chat: bool) -> dict:  # fmt: skip
+        """The whole (non-streamed) body from every choice's events."""
         choices, completion_tokens = [], 0
         for i, evs in finals.items():
             result = evs[-1].result
@@ -121,6 +122,7 @@ class ResponseWriter:
         return [lp]
 
     async def stream(self, parsed: Parsed, handles: list[Handle], events: asyncio.Queue, rid: str, chat: bool):
+        """Server-sent events as the engine's events arrive; the rows are freed however it ends."""
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
