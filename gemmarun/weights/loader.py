@@ -12,7 +12,7 @@ import torch
 from ..config import GemmaConfig
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError
 from ..model import Gemma
-from ..quant import Packed, install, is_quantizable, quantize_weight, scheme_for
+from ..quant import Packed, install
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -50,6 +50,8 @@ def build_model(
     """
     if not config.tie_word_embeddings:
         raise ConfigError(f"{source}: an untied LM head is not a Gemma layout (tie_word_embeddings is false)")
+    if quantize:  # the schemes load only when a load quantises (see gemmarun.quant)
+        from ..quant import is_quantizable, quantize_weight, scheme_for
     with torch.device("meta"):
         model = Gemma(config)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
