@@ -14,8 +14,8 @@ import platform
 import sys
 from pathlib import Path
 
-from gemmarun.bench import measure
-from gemmarun.loader import resolve
+from gemmarun.tools.bench import measure
+from gemmarun.weights.source import resolve
 
 
 def main() -> int:

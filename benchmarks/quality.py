@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import gemmarun
-from gemmarun.default_model import cache_dir
+from gemmarun.weights.source import cache_dir
 from gemmarun.perplexity import perplexity
 
 

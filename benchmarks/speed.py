@@ -13,7 +13,7 @@ import argparse
 import platform
 import sys
 
-from gemmarun.bench import report
+from gemmarun.tools.bench import report
 
 
 def main() -> int:

@@ -138,7 +138,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import report
+    from .tools.bench import report
 
     engines = {e.strip() for e in args.engines.split(",") if e.strip()}
     unknown = engines - {"gemmarun", "transformers", "llama.cpp"}
@@ -154,7 +154,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import list_models
+    from .weights.listing import list_models
 
     rows = list_models()
     if not rows:

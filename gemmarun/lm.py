@@ -8,7 +8,8 @@ import torch
 
 from .errors import ContextLengthError, InvalidParameterError
 from .generate import GenerationResult, Generator
-from .loader import load_checkpoint, parse_dtype, resolve, warn_dtype
+from .weights.loader import load_checkpoint, parse_dtype, warn_dtype
+from .weights.source import resolve
 from .sampling import SamplingParams
 
 Prompt = str | Sequence[int]

@@ -85,7 +85,7 @@ def test_bad_cache_dtype(folder):
 
 
 def test_bench_rows_take_the_cache_dtype(tmp_path):
-    from gemmarun.bench import specs_for
+    from gemmarun.tools.bench import specs_for
 
     specs = specs_for(None, None, {"gemmarun", "llama.cpp"}, 64, 16, tmp_path, cache_dtype="float16")
     assert [(e, s.get("cache_dtype")) for e, s in specs] == [("gemmarun", "float16"), ("llama.cpp", None)]

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from gemmarun.config import PRESETS
-from gemmarun.random_checkpoint import write_random_checkpoint
+from gemmarun.tools.random_checkpoint import write_random_checkpoint
 
 PROBE = r"""
 import json, resource, sys, time
 import torch
 from pathlib import Path
-from gemmarun.loader import load_folder_weights
+from gemmarun.weights.loader import load_folder_weights
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 config, model = load_folder_weights(Path(sys.argv[1]), torch.bfloat16, torch.device("cpu"))

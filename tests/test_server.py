@@ -13,7 +13,8 @@ import gemmarun
 from gemmarun import SamplingParams
 from gemmarun.chat import render_messages
 from gemmarun.engine import Engine, Request, wait_idle
-from gemmarun.server import BackgroundServer, Server
+from gemmarun.server import Server
+from background_server import BackgroundServer
 from checkpoints import make_reference, save_checkpoint
 
 MODEL = "tinychat"

@@ -13,7 +13,8 @@ import pytest
 import sentencepiece as spm
 
 from gemmarun.errors import CheckpointError, ConfigError, GemmarunError, InvalidParameterError
-from gemmarun.tokenizer import StreamDecoder, Tokenizer, _sentencepiece_proto
+from gemmarun.tokenizer import StreamDecoder, Tokenizer
+from gemmarun.tokenizer.spm_proto import _sentencepiece_proto
 from spm_fixture import train_tiny_spm
 
 # Hard strings for every tokenizer: whitespace runs, code, digits, scripts, emoji, specials.

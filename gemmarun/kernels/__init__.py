@@ -83,7 +83,7 @@ def chosen() -> str | None:
 
 
 def _build_dir(name: str) -> Path:
-    from ..default_model import cache_dir
+    from ..weights.source import cache_dir
 
     # One folder per torch version, source and variant, so an upgrade never loads a stale binary.
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS)).hexdigest()[:12]

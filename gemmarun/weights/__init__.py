@@ -1,1 +1,2 @@
-"""Checkpoint readers: each yields Hugging Face-named tensors (safetensors.py, gguf.py)."""
+"""Checkpoints: resolving a source (source.py), reading its tensors (safetensors.py, gguf/), building the
+model from them (loader.py), and what can be loaded on this machine (listing.py)."""

@@ -14,9 +14,10 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from ..config import SLIDING, GemmaConfig
-from ..errors import CheckpointError, ConfigError
-from .gguf import default_layer_types, default_query_scalar, expected_shapes, gguf_name, is_norm
+from ...config import SLIDING, GemmaConfig
+from ...errors import CheckpointError, ConfigError
+from .config import default_layer_types, default_query_scalar
+from .names import expected_shapes, gguf_name, is_norm
 
 # Types both gguf-py can quantise to and gemmarun can read back.
 WRITE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")

@@ -1,27 +1,24 @@
-"""Find a checkpoint (folder, .gguf file, HF cache repo id, or the default model) and build the model."""
+"""Build the model from a resolved source: a checkpoint folder (safetensors, dense or saved quantised)
+or a .gguf file; the dtype names."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import warnings
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
-from .config import GemmaConfig
-from .errors import CheckpointError, ConfigError, ModelNotFoundError
-from .model import Gemma
-from .quant import Packed, install, is_quantizable, quantize_weight, scheme_for
+from ..config import GemmaConfig
+from ..errors import CheckpointError, ConfigError, ModelNotFoundError
+from ..model import Gemma
+from ..quant import Packed, install
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16,
 }  # fmt: skip
-
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def parse_dtype(dtype, device: torch.device, what: str = "dtype") -> torch.dtype:
@@ -35,62 +32,6 @@ def parse_dtype(dtype, device: torch.device, what: str = "dtype") -> torch.dtype
     if dtype not in DTYPES:
         raise ConfigError(f"unsupported {what} {dtype!r}; use one of float32, bfloat16, float16")
     return DTYPES[dtype]
-
-
-def hf_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
-    return home / "hub"
-
-
-def find_in_hf_cache(repo_id: str) -> Path | None:
-    """The snapshot folder of `repo_id` in the local Hugging Face cache, newest ref `main` first."""
-    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-    if not repo.is_dir():
-        return None
-    ref = repo / "refs" / "main"
-    if ref.exists():
-        snap = repo / "snapshots" / ref.read_text().strip()
-        if (snap / "config.json").exists():
-            return snap
-    snaps = [p for p in (repo / "snapshots").glob("*") if (p / "config.json").exists()]
-    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
-
-
-def download(repo_id: str) -> Path:
-    """Fetch a checkpoint from the Hugging Face hub into its cache (needs network and huggingface_hub)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ModelNotFoundError(f"{repo_id!r} is not in the Hugging Face cache at {hf_cache_dir()} and HF_HUB_OFFLINE is set")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ModelNotFoundError(
-            f"{repo_id!r} is not in the Hugging Face cache at {hf_cache_dir()}; install huggingface_hub to download it"
-        ) from None
-    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "generation_config.json"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=str(hf_cache_dir())))
-    except Exception as e:  # network, auth and missing-repo errors all mean "not available here"
-        raise ModelNotFoundError(
-            f"{repo_id!r} is not in the Hugging Face cache at {hf_cache_dir()} and could not be downloaded "
-            f"({type(e).__name__}); download it on a connected machine or pass a local path"
-        ) from None
-
-
-def resolve(source: str | os.PathLike | None) -> Path:
-    """A local folder or .gguf file for `source`; None means the default model."""
-    if source is None:
-        from .default_model import default_model_path
-
-        return default_model_path()
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    text = str(source)
-    if REPO_ID.match(text) and not text.startswith((".", "/", "~")):
-        return find_in_hf_cache(text) or download(text)
-    raise ModelNotFoundError(f"no model at {text!r}: give a checkpoint folder, a .gguf file or a Hugging Face repo id")
 
 
 def build_model(
@@ -109,6 +50,8 @@ def build_model(
     """
     if not config.tie_word_embeddings:
         raise ConfigError(f"{source}: an untied LM head is not a Gemma layout (tie_word_embeddings is false)")
+    if quantize:  # the schemes load only when a load quantises (see gemmarun.quant)
+        from ..quant import is_quantizable, quantize_weight, scheme_for
     with torch.device("meta"):
         model = Gemma(config)
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -160,7 +103,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, quanti
     quantize: None keeps a checkpoint as it is stored (GGUF blocks stay packed on CPU, dense
     checkpoints stay dense); "int8"/"int4" quantise dense weights at load; "none" decodes everything.
     """
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}")
@@ -168,8 +111,8 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, quanti
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelNotFoundError(f"{path} is a file but not a .gguf; give a checkpoint folder or a .gguf file")
-        from .weights.gguf import load_gguf
-        from .weights.gguf_packed import packer
+        from .gguf import load_gguf
+        from .gguf.relay import packer
 
         keep = quantize is None and device.type == "cpu"
         config, state, metadata = load_gguf(path, dtype=dtype, packer=packer if keep else None)
@@ -187,8 +130,8 @@ def load_folder_weights(
     """Config and weights of a Hugging Face checkpoint folder (no tokenizer needed)."""
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; it is not a Hugging Face checkpoint folder")
-    from .quant import METADATA_KEY, dequantize, regroup
-    from .weights.safetensors import iter_tensors, read_metadata, shard_files
+    from ..quant import METADATA_KEY, dequantize, regroup
+    from .safetensors import iter_tensors, read_metadata, shard_files
 
     config = GemmaConfig.from_json_file(path / "config.json")
     files = shard_files(path)

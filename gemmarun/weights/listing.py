@@ -5,9 +5,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import GEMMA2_TYPES, GEMMA3_TYPES
-from .default_model import FILENAME, cache_dir
-from .loader import find_in_hf_cache, hf_cache_dir
+from ..config import GEMMA2_TYPES, GEMMA3_TYPES
+from .source import FILENAME, cache_dir, find_in_hf_cache, hf_cache_dir
 
 
 @dataclass

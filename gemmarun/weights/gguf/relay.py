@@ -1,4 +1,4 @@
-"""GGUF blocks re-laid, without loss, into gemmarun's packed format (see quant.py) at load.
+"""GGUF blocks re-laid, without loss, into gemmarun's packed format (see quant/format.py) at load.
 
 Every value keeps exactly the codes, scales and mins of its block; only the layout changes:
 Q8_0, Q4_0, Q4_1 keep their size; Q5_0/Q5_1/Q5_K/Q6_K codes widen to int8 (the 6-bit layout
@@ -12,8 +12,9 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from ..quant import Packed, is_quantizable, pack_nibbles
-from .gguf import GGUFTensor, _bits32, _f16, _k_scales, _nibbles, _planes
+from ...quant import Packed, is_quantizable, pack_nibbles
+from .dequant import _bits32, _f16, _k_scales, _nibbles, _planes
+from .reader import GGUFTensor
 
 
 def _blocks(t: GGUFTensor) -> torch.Tensor:

@@ -1,17 +1,10 @@
-"""Gemma tokenizer over tokenizer.json, tokenizer.model or a GGUF vocabulary; chat; streaming decode.
-
-Two engines do the actual splitting, and each is the reference for its format:
-`tokenizers` for a tokenizer.json, `sentencepiece` for a tokenizer.model and for a GGUF vocabulary
-(rebuilt in memory as the SentencePiece model it was converted from). This module adds what both
-need around them: special-token text in the input mapped to single ids, BOS exactly once (DESIGN
-pitfall 8), Gemma's turn format (pitfall 9) and a streaming decoder that never splits a character.
+"""The Tokenizer: text <-> token ids for one Gemma vocabulary, read from tokenizer.json, tokenizer.model
+or a GGUF vocabulary; special-token text mapped to single ids, BOS exactly once (pitfall 8).
 """
 
 from __future__ import annotations
 
 import json
-import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +13,11 @@ import tokenizers
 
 from gemmarun.errors import CheckpointError, ConfigError, InvalidParameterError, ModelNotFoundError
 
-START_OF_TURN = "<start_of_turn>"
-END_OF_TURN = "<end_of_turn>"
+from .backends import _HFTokenizersEngine, _SentencePieceEngine
+from .chat_turns import END_OF_TURN, START_OF_TURN, _chat_turns
+from .splitter import _SpecialSplitter
+from .spm_proto import _sentencepiece_proto
+from .stream import StreamDecoder, _as_ids
 
 # SentencePiece piece types; GGUF's tokenizer.ggml.token_type uses the same numbers.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -30,137 +26,6 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 def _one_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# engines: each turns text without special tokens into ids and ids back into text
-
-
-class _SentencePieceEngine:
-    def __init__(self, sp: spm.SentencePieceProcessor, specials: dict[str, int] | None = None):
-        self.sp = sp
-        self.size = sp.get_piece_size()
-        # SentencePiece never produces control pieces from text, but Gemma's other tokenizers
-        # (tokenizer.json, llama.cpp) match their text whole, so we split them out ourselves.
-        if specials is None:
-            specials = {sp.id_to_piece(i): i for i in range(self.size) if sp.is_control(i) or sp.is_unknown(i)}
-        self.matched_specials = specials
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text) if text else []
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
-
-    def piece(self, i: int) -> str:
-        return self.sp.id_to_piece(i)
-
-    def piece_id(self, piece: str) -> int | None:
-        i = self.sp.piece_to_id(piece)
-        # piece_to_id answers unk_id for any unknown piece
-        return i if self.sp.id_to_piece(i) == piece else None
-
-
-class _HFTokenizersEngine:
-    def __init__(self, tok: tokenizers.Tokenizer):
-        self.tok = tok
-        self.size = tok.get_vocab_size(with_added_tokens=True)
-        self.matched_specials = {}  # the tokenizer.json lists its added tokens; `tokenizers` matches them
-        self.added_special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids if text else []
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
-
-    def piece(self, i: int) -> str:
-        return self.tok.id_to_token(i)
-
-    def piece_id(self, piece: str) -> int | None:
-        return self.tok.token_to_id(piece)
-
-
-# ---------------------------------------------------------------------------------------------
-# GGUF vocabulary -> in-memory SentencePiece model
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _field_int(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value)
-
-
-def _pieces_any(raw: list[bytes], scores, types) -> bytes:
-    """ModelProto.pieces (field 1), one SentencePiece message (piece=1, score=2, type=3) each."""
-    out = []
-    for r, score, kind in zip(raw, scores, types):
-        body = b"\x0a" + _varint(len(r)) + r + b"\x15" + struct.pack("<f", score) + b"\x18" + _varint(kind)
-        out.append(b"\x0a" + _varint(len(body)) + body)
-    return b"".join(out)
-
-
-def _pieces_short(raw: list[bytes], n: np.ndarray, scores, types) -> bytes:
-    """_pieces_any for pieces under 119 bytes (n: their lengths), whose lengths all fit one-byte
-    varints, laid out with numpy: 0a (L+9) 0a L piece 15 score(4) 18 type, L + 11 bytes a piece. A
-    Gemma vocabulary has 262144 pieces; the per-piece loop took 0.24 s of every load, this 0.12."""
-    start = np.cumsum(n + 11) - (n + 11)  # (P,) where each record begins
-    out = np.empty(int((n + 11).sum()), np.uint8)
-    out[start], out[start + 1], out[start + 2], out[start + 3] = 0x0A, n + 9, 0x0A, n
-    # each piece's bytes go to its record's start + 4, in order
-    text = np.frombuffer(b"".join(raw), np.uint8)
-    out[np.repeat(start + 4 - (np.cumsum(n) - n), n) + np.arange(len(text))] = text
-    tail = start + 4 + n
-    out[tail] = 0x15
-    out[tail[:, None] + np.arange(1, 5)] = np.asarray(scores, "<f4").view(np.uint8).reshape(-1, 4)
-    out[tail + 5], out[tail + 6] = 0x18, np.asarray(types, np.uint8)
-    return out.tobytes()
-
-
-def _sentencepiece_proto(
-    pieces: list[str], scores, types, unk_id: int, add_dummy_prefix: bool,
-    charsmap: bytes = b"",
-) -> bytes:
-    """Serialise a sentencepiece ModelProto (BPE, byte fallback, identity normaliser).
-
-    Written by hand from sentencepiece_model.proto (field numbers below) so the runtime needs no
-    protobuf package; tests parse the result with sentencepiece_model_pb2 to check it.
-    scores and types: sequences or numpy arrays (float32, integer) of one value per piece.
-    """
-    raw = [p.encode("utf-8") for p in pieces]
-    n = np.fromiter(map(len, raw), np.int64, len(raw))  # (P,)
-    out = [_pieces_short(raw, n, scores, types) if n.max(initial=0) < 119 else _pieces_any(raw, scores, types)]
-    trainer = (
-        _field_int(3, 2)  # model_type = BPE
-        + _field_int(4, len(pieces))  # vocab_size
-        + _field_int(35, 1)  # byte_fallback
-        + _field_int(40, unk_id)  # unk_id
-    )
-    normalizer = (
-        _field_bytes(1, b"identity")  # name
-        + (_field_bytes(2, charsmap) if charsmap else b"")  # precompiled_charsmap
-        + _field_int(3, int(add_dummy_prefix))  # add_dummy_prefix
-        + _field_int(4, 0)  # remove_extra_whitespaces
-        + _field_int(5, 1)  # escape_whitespaces
-    )
-    out += [_field_bytes(2, trainer), _field_bytes(3, normalizer)]
-    return b"".join(out)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def _config_token(config: dict, key: str) -> str | None:
@@ -405,111 +270,3 @@ class Tokenizer:
             out.append(f"{START_OF_TURN}model\n")
         return "".join(out)
 
-
-def _as_ids(ids) -> list[int]:
-    """One id or many (a list, a numpy array, a torch tensor) as a list of ints."""
-    if hasattr(ids, "tolist"):  # numpy / torch, 0-d or 1-d
-        ids = ids.tolist()
-    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
-
-
-def _content(message: dict, index: int, trim: bool) -> str:
-    """A message's text. Gemma's template trims user and model text (each part of a list)."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content.strip() if trim else content
-    # OpenAI-style parts: [{"type": "text", "text": "..."}]
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
-    ):
-        return "".join(p["text"].strip() if trim else p["text"] for p in content)
-    raise InvalidParameterError(f"message {index}: 'content' must be a string or a list of text parts")
-
-
-def _chat_turns(messages: list[dict]) -> list[tuple[str, str]]:
-    """(gemma_role, content) pairs: system folded in, roles checked to alternate."""
-    if not isinstance(messages, list) or not messages:
-        raise InvalidParameterError("messages must be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise InvalidParameterError(f"message {i} must be a dict with a 'role' and a 'content'")
-    prefix, first = "", 0
-    if messages[0]["role"] == "system":
-        prefix, first = _content(messages[0], 0, trim=False) + "\n\n", 1
-        if len(messages) == 1:  # Gemma's template would drop it; let it reach the model as a user turn
-            return [("user", prefix.strip())]
-    turns = []
-    for i, m in enumerate(messages[first:], start=first):
-        role = {"user": "user", "assistant": "model", "model": "model"}.get(m["role"])
-        if role is None:
-            where = "allowed only as the first message" if m["role"] == "system" else "unknown"
-            raise InvalidParameterError(f"message {i}: role {m['role']!r} is {where}; use system, user, assistant")
-        if role != ("user" if (i - first) % 2 == 0 else "model"):
-            raise InvalidParameterError("conversation roles must alternate user/assistant/user/..., starting with user")
-        turns.append((role, (prefix if i == first else "") + _content(m, i, trim=True)))
-    return turns
-
-
-class _SpecialSplitter:
-    """Cuts text into plain strings and special-token ids, leftmost-longest like `tokenizers`."""
-
-    def __init__(self, specials: dict[str, int]):
-        self.specials = specials
-        lengths: dict[str, set[int]] = {}
-        for piece in specials:
-            if piece:
-                lengths.setdefault(piece[0], set()).add(len(piece))
-        self.lengths = {c: sorted(ls, reverse=True) for c, ls in lengths.items()}
-
-    def split(self, text: str) -> list[str | int]:
-        if not self.lengths or not any(c in text for c in self.lengths):
-            return [text]
-        parts: list[str | int] = []
-        start = i = 0
-        while i < len(text):
-            for n in self.lengths.get(text[i], ()):
-                special = self.specials.get(text[i : i + n])
-                if special is not None:
-                    parts += [text[start:i], special]
-                    i = start = i + n
-                    break
-            else:
-                i += 1
-        parts.append(text[start:])
-        return [p for p in parts if p != ""]
-
-
-@dataclass
-class StreamDecoder:
-    """Incremental detokenizer: push ids, get the text they add.
-
-    Decodes the recent tokens with and without the new ones and emits the difference, so a
-    piece's leading space comes out right, and holds text back while it ends in U+FFFD: a
-    multi-byte character whose byte-fallback tokens have not all arrived.
-    """
-
-    tokenizer: Tokenizer
-    skip_special_tokens: bool = True
-    _ids: list[int] = field(default_factory=list, init=False)  # context tokens, then pending ones
-    _read: int = field(default=0, init=False)  # how many of _ids are context (already emitted)
-
-    def push(self, token_ids: int | list[int]) -> str:
-        self._ids += _as_ids(token_ids)
-        before, after = self._texts()
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        # What was just emitted becomes the context for the next push; older tokens are dropped.
-        del self._ids[: self._read]
-        self._read = len(self._ids)
-        return after[len(before) :]
-
-    def flush(self) -> str:
-        """Whatever is held back (an unfinished character comes out as U+FFFD)."""
-        before, after = self._texts()
-        self._ids.clear()
-        self._read = 0
-        return after[len(before) :]
-
-    def _texts(self) -> tuple[str, str]:
-        decode = self.tokenizer.decode
-        return decode(self._ids[: self._read], self.skip_special_tokens), decode(self._ids, self.skip_special_tokens)

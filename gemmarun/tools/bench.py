@@ -160,7 +160,7 @@ WORKERS = {"gemmarun": run_gemmarun, "transformers": run_transformers, "llama.cp
 def measure(engine: str, spec: dict, timeout: float = 1800) -> Measurement | str:
     """Run one engine in a fresh process; a string says why it could not be measured."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    cmd = [sys.executable, "-m", "gemmarun.bench", "--worker", engine, json.dumps(spec)]
+    cmd = [sys.executable, "-m", "gemmarun.tools.bench", "--worker", engine, json.dumps(spec)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -225,7 +225,7 @@ def _current_layout(path: Path, scheme: str) -> bool:
 
     from safetensors import safe_open
 
-    from .quant import METADATA_KEY, scheme_for
+    from ..quant import METADATA_KEY, scheme_for
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         schemes = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
@@ -237,11 +237,11 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
     """The random-weight gemma-2-2b checkpoint (bf16 safetensors + tokenizer), GGUF copies of the
     same weights and `gemmarun quantize` copies (int8, int4), made once and cached. The tokenizer is
     Gemma 3's vocabulary cut to Gemma 2's size (speed does not depend on which pieces the ids stand for)."""
-    from .config import PRESETS
-    from .default_model import default_model_path
+    from ..config import PRESETS
+    from ..weights.source import default_model_path
     from .random_checkpoint import write_random_checkpoint
-    from .tokenizer import Tokenizer
-    from .weights.gguf import read_gguf
+    from ..tokenizer import Tokenizer
+    from ..weights.gguf import read_gguf
 
     config = PRESETS["gemma-2-2b"]
     hf = folder / "gemma-2-2b-random"
@@ -265,8 +265,8 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
                 paths[t] = made
             continue
         if not path.exists():
-            from .loader import load_folder_weights
-            from .weights.gguf_write import write_gguf
+            from ..weights.loader import load_folder_weights
+            from ..weights.gguf.writer import write_gguf
 
             log(f"writing {path.name} (once)")
             _, model = load_folder_weights(hf, torch.float32, torch.device("cpu"))
@@ -282,8 +282,8 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
         if not (path / "model.safetensors").exists() or not _current_layout(path, scheme):
             import shutil
 
-            from .lm import load
-            from .quant import save_quantized
+            from ..lm import load
+            from ..quant import save_quantized
 
             log(f"writing {path.name} (once)")
             shutil.rmtree(path.with_suffix(".partial"), ignore_errors=True)
@@ -347,7 +347,7 @@ def _suite(shape: str | None, model: str | None, engines: set[str], run: dict, c
         return specs
     if shape is not None:
         raise ValueError(f"unknown shape {shape!r}; the benchmark knows gemma-2-2b")
-    from .loader import resolve
+    from ..weights.source import resolve
 
     path = resolve(model)
     if "gemmarun" in engines:
@@ -363,7 +363,7 @@ def _suite(shape: str | None, model: str | None, engines: set[str], run: dict, c
 def report(title: str, shape: str | None, model: str | None, engines: set[str], threads: int, prefill: int, decode: int,
            compile: bool = False, cache_dtype: str | None = None) -> str:  # fmt: skip
     """Run one suite and return its markdown section (progress goes to stderr)."""
-    from .default_model import cache_dir
+    from ..weights.source import cache_dir
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     specs = specs_for(shape, model, engines, prefill, decode, cache_dir() / "bench", log, compile, cache_dtype)
@@ -382,4 +382,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         _worker_main(sys.argv[2], sys.argv[3])
     else:
-        sys.exit("usage: python -m gemmarun.bench --worker ENGINE SPEC (use `gemmarun bench` or benchmarks/speed.py)")
+        sys.exit("usage: python -m gemmarun.tools.bench --worker ENGINE SPEC (use `gemmarun bench` or benchmarks/speed.py)")

@@ -1,0 +1,115 @@
+"""The packed form of a quantised matrix (Packed), its bit layouts, and dequantisation.
+
+One storage format serves our own quantisation and GGUF blocks kept packed:
+    w[n, k] = scale[n, g] * (q[n, k] - zero) + min[n, g],  g = k // group
+q8: int8 q (N, K). q4: 4-bit q packed 16 bytes per 32 values, value j in the low nibble of byte j
+and value j + 16 in its high nibble (ggml's Q4_0 order). q6: signed 6-bit q (-32..31), 24 bytes per
+32 values: the low four bits of q + 32 as q4, then their top two bits in the 64-bit order that
+kernels/qlinear.cpp unpacks (see HIGH_BITS). Scales/mins float16 or float32 (N, K // group).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One quantised weight matrix in the format above."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    group: int
+    zero: float
+    bits: int  # 8, 6 or 4
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1] * 8 // self.bits
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scales, self.mins) if t is not None)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K // 2) bytes in the split-nibble order."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).view(n, k // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
+    n, half = b.shape
+    blocks = b.view(n, half // 16, 16)
+    return torch.stack([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def _high_bit_positions() -> torch.Tensor:
+    """Bit of a q6 block's 64-bit word holding value v's top two bits, for v in 0..31. The kernel
+    widens values to int16 words in four 64-bit quarters per register (quarters 0-1: values 2j of
+    the first half block, 2-3: of the second; the second register the odd values) and takes each
+    quarter's top bits with one shift (see load_block in kernels/qlinear.cpp): each 16-bit field of
+    the word holds them at bit 4 + 2 Q for quarter Q of the first register, 12, 14, 0, 2 for the second."""
+    slots = ((4, 6, 8, 10), (12, 14, 0, 2))
+    pos = torch.empty(32, dtype=torch.int64)
+    for r in range(2):
+        for quarter in range(4):
+            for i in range(4):
+                j = 4 * (quarter % 2) + i  # the 16-bit word within its 128-bit lane
+                pos[2 * j + 16 * (quarter // 2) + r] = 16 * i + slots[r][quarter]
+    return pos
+
+
+HIGH_BITS = _high_bit_positions()
+HIGH_BYTE, HIGH_SHIFT = HIGH_BITS // 8, (HIGH_BITS % 8).to(torch.uint8)  # the same as byte, bit
+
+
+def pack_q6(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """(N, K) values -32..31 -> (N, K // 32 * 24) bytes in the q6 layout, `rows` at a time (a
+    256k-row embedding's temporaries would take gigabytes at once)."""
+    n, k = q.shape
+    out = torch.empty(n, k // 32 * 24, dtype=torch.uint8)
+    for r in range(0, n, rows):
+        u = ((q[r : r + rows].to(torch.int8).view(torch.uint8) & 63) ^ 32).view(-1, k // 32, 32)  # q + 32: bit 5 flipped
+        m = u.shape[0]
+        low = pack_nibbles((u & 15).view(m, k)).view(m, k // 32, 16)
+        # HIGH_BITS by slices, not a gather (3x faster at load): value v = 16 lane + 8 h + 2 i + r has
+        # its bits in byte 2 i + (r xor lane), at bit 2 h + 4 (1 - lane).
+        t = (u >> 4).view(m, k // 32, 2, 2, 4, 2)  # (lane, h, i, r)
+        first = (t[:, :, 0, 0] << 4) | (t[:, :, 0, 1] << 6)  # (m, nb, i, r): lane 0 lands in byte 2 i + r
+        second = (t[:, :, 1, 0] | (t[:, :, 1, 1] << 2)).flip(-1)  # lane 1 in byte 2 i + 1 - r
+        out[r : r + m] = torch.cat([low, (first | second).view(m, k // 32, 8)], dim=-1).view(m, k // 32 * 24)
+    return out
+
+
+def unpack_q6(b: torch.Tensor) -> torch.Tensor:
+    """(N, K // 32 * 24) bytes -> (N, K) int8 values -32..31."""
+    n = b.shape[0]
+    blocks = b.reshape(n, -1, 24)
+    nb = blocks.shape[1]
+    low = unpack_nibbles(blocks[:, :, :16].reshape(n, nb * 16)).view(n, nb, 32)
+    high = (blocks[:, :, 16:][:, :, HIGH_BYTE.to(b.device)] >> HIGH_SHIFT.to(b.device)) & 3  # (n, nb, 32)
+    return ((low | (high << 4)).view(torch.int8) - 32).view(n, nb * 32)
+
+
+def dequantize(p: Packed, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    """float32 weights (n, K) of the selected output rows."""
+    q = p.q[rows]
+    q = (unpack_nibbles(q) if p.bits == 4 else unpack_q6(q) if p.bits == 6 else q).float()
+    n, k = q.shape
+    q = q.view(n, k // p.group, p.group)
+    if p.zero:
+        q = q - p.zero
+    w = q * p.scales[rows].float().unsqueeze(-1)
+    if p.mins is not None:
+        w = w + p.mins[rows].float().unsqueeze(-1)
+    return w.view(n, k)
+
+
+def kernel_fits(p: Packed) -> bool:
+    """The kernel works in blocks of 32 inputs, each under one scale (or two, for plain 8- or 6-bit groups of 16)."""
+    if p.in_features % 32:
+        return False
+    return p.group % 32 == 0 or (p.group == 16 and p.bits != 4 and p.mins is None and not p.zero)

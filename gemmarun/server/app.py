@@ -1,0 +1,174 @@
+"""The HTTP routes over the engine: /v1/models, /v1/completions, /v1/chat/completions, /health; `serve`."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
+from ..errors import ContextLengthError, InvalidParameterError
+from .requests import Parsed, json_body, parse_chat, parse_completion
+from .responses import APIError, ResponseWriter, engine_failure
+
+
+def model_id_for(source: str) -> str:
+    """The short name served: a checkpoint folder's name or a .gguf file's stem."""
+    path = Path(source)
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
+
+
+class Server:
+    """The FastAPI app and what its handlers share: the engine, the tokenizer, the model id."""
+
+    def __init__(self, lm, engine: Engine, model_id: str | None = None, api_key: str | None = None):
+        self.lm, self.engine, self.tokenizer = lm, engine, lm.tokenizer
+        self.model_id = model_id or model_id_for(lm.source)
+        self.api_key = api_key
+        self.created = int(time.time())
+        self.writer = ResponseWriter(self.tokenizer, self.model_id)
+        self.app = self._build_app()
+
+    # -- running -------------------------------------------------------------------------------
+
+    def submit(self, parsed: Parsed, loop: asyncio.AbstractEventLoop, chat: bool) -> tuple[list[Handle], asyncio.Queue]:
+        events: asyncio.Queue = asyncio.Queue()
+        # Choice index by request object: known before submitting, as the engine may report at once.
+        index = {id(r): i for i, r in enumerate(parsed.requests)}
+
+        def sink(handle: Handle, event: Event) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, (index[id(handle.request)], handle, event))
+
+        try:
+            handles = self.engine.submit_all(parsed.requests, sink)
+        except ContextLengthError as e:
+            raise APIError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from None
+        except InvalidParameterError as e:
+            raise APIError(400, str(e)) from None
+        except EngineBusyError as e:
+            raise APIError(503, str(e), type="server_error", code="server_overloaded", headers={"Retry-After": "1"}) from None
+        except EngineClosedError as e:
+            raise APIError(503, str(e), type="server_error", code="server_shutting_down") from None
+        return handles, events
+
+    # -- the app -------------------------------------------------------------------------------
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="gemmarun", version=_version(), docs_url=None, redoc_url=None)
+        server = self
+
+        @app.exception_handler(APIError)
+        async def api_error(request, exc: APIError):
+            return exc.response()
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(request, exc: StarletteHTTPException):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+            return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
+
+        # A dependency rather than an HTTP middleware: Starlette's BaseHTTPMiddleware wraps the
+        # request's receive channel, and a non-streaming handler then never sees the client leave.
+        async def require_key(request: HTTPRequest):
+            if server.api_key and request.headers.get("authorization", "") != f"Bearer {server.api_key}":
+                raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")  # fmt: skip
+
+        v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+        @app.get("/health")
+        async def health():
+            if not server.engine.healthy:
+                return JSONResponse({"status": "error", "error": str(server.engine.error or "engine stopped")}, 503)
+            return {"status": "ok", "model": server.model_id, **server.engine.stats()}
+
+        @v1.get("/models")
+        async def models():
+            return {"object": "list", "data": [server.model_card()]}
+
+        @v1.get("/models/{model_id:path}")
+        async def model(model_id: str):
+            if model_id != server.model_id:
+                raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+            return server.model_card()
+
+        @v1.post("/completions")
+        async def completions(request: HTTPRequest):
+            parsed = parse_completion(await json_body(request), server.tokenizer, server.model_id)
+            return await server.respond(request, parsed, chat=False)
+
+        @v1.post("/chat/completions")
+        async def chat_completions(request: HTTPRequest):
+            parsed = parse_chat(await json_body(request), server.tokenizer, server.model_id, server.engine.context)
+            return await server.respond(request, parsed, chat=True)
+
+        app.include_router(v1)
+        return app
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "gemmarun",
+                "context_length": self.engine.context}  # fmt: skip
+
+    async def respond(self, request: HTTPRequest, parsed: Parsed, chat: bool):
+        loop = asyncio.get_running_loop()
+        handles, events = self.submit(parsed, loop, chat)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if parsed.stream:
+            body = self.writer.stream(parsed, handles, events, rid, chat)
+            return StreamingResponse(body, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        try:
+            finals = await self._collect(request, handles, events)
+        finally:
+            for h in handles:  # a no-op for finished ones; frees the rows of a client that left
+                h.cancel()
+        if finals is None:  # the client disconnected; nobody reads an answer
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(self.writer.full_response(parsed, handles, finals, rid, chat))
+
+    async def _collect(self, request: HTTPRequest, handles: list[Handle], events: asyncio.Queue):
+        """Every choice's events; None if the client went away first."""
+        per_choice: dict[int, list[Event]] = {i: [] for i in range(len(handles))}
+        remaining = len(handles)
+        loop = asyncio.get_running_loop()
+        check_at = loop.time() + 0.25
+        while remaining:
+            try:
+                item = await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                item = None
+            if loop.time() >= check_at:  # events may never pause, so look on a clock
+                if await request.is_disconnected():
+                    return None
+                check_at = loop.time() + 0.25
+            if item is None:
+                continue
+            i, _, event = item
+            if event.error is not None:
+                raise engine_failure(event.error)
+            per_choice[i].append(event)
+            remaining -= event.last
+        return per_choice
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+SERVE_CONTEXT = 8192  # default tokens per row: the KV cache holds max_batch of them
+
+
+def serve(lm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
+          max_waiting: int = 64, model_id: str | None = None, context: int | None = None,
+          log_level: str = "info") -> None:  # fmt: skip
+    """Run the server until interrupted. `context` defaults to the model's, capped at 8192."""
+    import uvicorn
+
+    with Engine(lm, max_batch=max_batch, max_waiting=max_waiting, context=context or min(lm.context, SERVE_CONTEXT)) as engine:
+        server = Server(lm, engine, model_id, api_key)
+        uvicorn.run(server.app, host=host, port=port, log_level=log_level)
