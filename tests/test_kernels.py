@@ -155,3 +155,29 @@ def test_variant_choice_and_its_errors(monkeypatch):
     monkeypatch.setenv("GEMMARUN_NO_KERNELS", "1")
     assert kernels.chosen() is None
     assert kernels.variant() in kernels.available()  # the variant this process loaded names itself
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load(tmp_path):
+    """torch's build lock is a plain file: a build killed midway leaves it, and torch then waits on it
+    forever. The kernels hold an flock while building, under which such a file is known stale."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from gemmarun import kernels
+
+    name = kernels.chosen()
+    if name is None or kernels.module(name) is None:
+        pytest.skip("no kernels here")
+    built = kernels._build_dir(name)
+    copy = tmp_path / "kernels" / built.name
+    shutil.copytree(built, copy)  # the built extension, so the load below need not compile
+    (copy / "build.flock").unlink(missing_ok=True)
+    (copy / "lock").write_text("")  # what a killed build leaves behind
+    env = {**os.environ, "GEMMARUN_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", "from gemmarun import kernels; print(kernels.variant())"],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == name
+    assert not (copy / "lock").exists()

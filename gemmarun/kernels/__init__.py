@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -85,12 +86,34 @@ def chosen() -> str | None:
 def _build_dir(name: str) -> Path:
     from ..weights.source import cache_dir
 
-    # One folder per torch version, source and variant, so an upgrade never loads a stale binary.
-    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES + HEADERS)).hexdigest()[:12]
+    # One folder per torch version, source and variant, so an upgrade never loads a stale binary;
+    # the sources' folder is hashed too, since two checkouts of the same sources sharing one folder
+    # would rebuild it each time they alternate (the build file names the source paths).
+    digest = hashlib.sha256(str(HERE).encode() + b"".join(s.read_bytes() for s in SOURCES + HEADERS)).hexdigest()[:12]
     tag = f"torch{torch.__version__.replace('+', '_')}-{digest}-{name}"
     d = cache_dir() / "kernels" / tag
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@contextmanager
+def _build_lock(build: Path):
+    """Serialise builds of one folder across processes with flock, which the OS releases when its
+    holder dies. torch's own lock is a file that a killed build leaves behind, after which every
+    later load waits forever; while we hold the flock nobody else can be building here, so such a
+    file is stale and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock file alone
+        yield
+        return
+    with open(build / "build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @lru_cache(maxsize=None)
@@ -103,16 +126,17 @@ def module(name: str):
         from torch.utils.cpp_extension import load
 
         build = _build_dir(name)
-        if not list(build.glob("*.so")):
-            print(f"gemmarun: compiling the {name} kernels (once, about a minute)", file=sys.stderr, flush=True)
-        return load(
-            name=f"gemmarun_{name}",
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", *_FLAGS[name], f"-DGEMMARUN_ISA_{name.upper()}", f"-DGEMMARUN_NS=gemmarun_{name}", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            verbose=False,
-        )
+        with _build_lock(build):
+            if not list(build.glob("*.so")):
+                print(f"gemmarun: compiling the {name} kernels (once, about a minute)", file=sys.stderr, flush=True)
+            return load(
+                name=f"gemmarun_{name}",
+                sources=[str(s) for s in SOURCES],
+                extra_cflags=["-O3", *_FLAGS[name], f"-DGEMMARUN_ISA_{name.upper()}", f"-DGEMMARUN_NS=gemmarun_{name}", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                verbose=False,
+            )
     except Exception as e:  # no compiler or headers: the portable path computes the same products in float32
         warnings.warn(f"the {name} kernels could not be built ({type(e).__name__}: {str(e)[:200]}); using the slower portable path")
         return None
