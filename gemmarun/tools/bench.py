@@ -364,12 +364,13 @@ def report(title: str, shape: str | None, model: str | None, engines: set[str], 
            compile: bool = False, cache_dtype: str | None = None) -> str:  # fmt: skip
     """Run one suite and return its markdown section (progress goes to stderr)."""
     from ..weights.source import cache_dir
+    from .host import describe
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     specs = specs_for(shape, model, engines, prefill, decode, cache_dir() / "bench", log, compile, cache_dtype)
     rows, bandwidth = run_suite(specs, threads, log)
     base = next((m for m in rows if m.engine == "transformers" and m.weights == "bfloat16"), None)
-    return (f"### {title}\nmemory read bandwidth {bandwidth:.1f} GB/s, {threads} threads; prefill {prefill} tokens; "
+    return (f"### {title}\n{describe(engines)}\nmemory read bandwidth {bandwidth:.1f} GB/s, {threads} threads; prefill {prefill} tokens; "
             f"decode {decode} tokens after a 32-token prompt\n\n{table(rows, bandwidth, base)}")  # fmt: skip
 
 
