@@ -190,3 +190,33 @@ def test_bench_header_names_the_cpu_and_the_kernel_variant():
     assert cpu_model() and cpu_model() in line
     assert f"gemmarun kernels: {kernels.variant() or 'none'}" in line
     assert "llama.cpp" not in line  # only when llama.cpp is measured
+
+
+def test_a_load_waiting_for_another_build_says_so(tmp_path):
+    import fcntl
+    import os
+    import select
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    name = kernels.chosen()
+    if name is None or kernels.module(name) is None:
+        pytest.skip("no kernels here")
+    copy = tmp_path / "kernels" / kernels._build_dir(name).name
+    shutil.copytree(kernels._build_dir(name), copy)
+    with open(copy / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process building
+        env = {**os.environ, "GEMMARUN_CACHE": str(tmp_path)}
+        proc = subprocess.Popen([sys.executable, "-c", "from gemmarun import kernels; print(kernels.variant())"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        err, deadline = "", time.monotonic() + 300
+        while "waiting for another process" not in err and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                err += proc.stderr.readline()
+        assert "waiting for another process to finish building the kernels" in err
+        assert proc.poll() is None  # and it waits while the other build holds the lock
+        fcntl.flock(held, fcntl.LOCK_UN)
+    out, rest = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and out.strip() == name, err + rest

@@ -108,7 +108,11 @@ def _build_lock(build: Path):
         yield
         return
     with open(build / "build.flock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # say why the first request is slow instead of sitting silent
+            print(f"gemmarun: waiting for another process to finish building the kernels in {build}", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         (build / "lock").unlink(missing_ok=True)
         try:
             yield
