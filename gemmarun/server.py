@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import render_messages
-from .engine import Engine, EngineBusyError, EngineClosedError, Event, Handle, Request, TokenLogprob
 from .errors import ContextLengthError, InvalidParameterError
-from .sampling import SamplingParams
+from .generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle, Request, TokenLogprob
+from .generation.sampling import SamplingParams
 
 MAX_N = 16  # choices per request; each takes a row of the batch
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
