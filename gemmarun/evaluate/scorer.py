@@ -139,7 +139,8 @@ class Scorer:
         rest = None
         if max(len(c) for c in conts) > 1:  # each row feeds c[:-1] after the context; c[0] needs none
             cache = state.cache.repeat(len(conts))
-            rest = core.forward(self.model, cache, [c[:-1] for c in conts], [len(state.ids)] * len(conts), last=False)  # (B, T, V)
+            starts = [len(state.ids)] * len(conts)
+            rest = core.forward(self.model, cache, [c[:-1] for c in conts], starts, last=False)  # (B, T, V)
         out = []
         for r, c in enumerate(conts):
             logits = state.last[None]  # the first token is predicted by the context
