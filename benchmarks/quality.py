@@ -19,7 +19,7 @@ import torch
 
 import gemmarun
 from gemmarun.weights.source import cache_dir
-from gemmarun.perplexity import perplexity
+from gemmarun.evaluate.perplexity import perplexity
 
 
 def main() -> int:

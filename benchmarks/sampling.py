@@ -14,7 +14,7 @@ import time
 import torch
 
 import gemmarun
-from gemmarun.sampling import SamplingParams, sample_one
+from gemmarun.generation.sampling import SamplingParams, sample_one
 
 
 def full_sort(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:

@@ -8,9 +8,9 @@ from .errors import (
     InvalidParameterError,
     ModelNotFoundError,
 )
-from .generate import GenerationResult
+from .generation.sampling import SamplingParams
+from .generation.sequence import GenerationResult
 from .lm import LanguageModel, TextGenerationPipeline, load, pipeline
-from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 

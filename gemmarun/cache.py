@@ -53,6 +53,17 @@ class KVCache:
         """A cache for `model` (a Gemma): its config, device and cache_dtype."""
         return cls(model.config, batch_size, context, model.cache_dtype, model.device, static=static)
 
+    def repeat(self, batch: int) -> "KVCache":
+        """A new cache of `batch` rows, each a copy of this cache's single row (the eval scorer's
+        shared prefixes)."""
+        dst = KVCache(self.config, batch, self.context, self.k[0].dtype, self.k[0].device)
+        for d, s in zip(dst.k + dst.v, self.k + self.v):
+            d.copy_(s.expand_as(d))
+        for kind, table in self.pos.items():
+            dst.pos[kind].copy_(table.expand_as(dst.pos[kind]))
+        dst.filled = self.filled
+        return dst
+
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget everything (or only the given batch rows) so the slots can be reused."""
         for p in self.pos.values():

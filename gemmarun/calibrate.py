@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from .errors import InvalidParameterError
+from .generation import core
 from .quant import install, is_quantizable, quantize_weight, scheme_for
 
 DEFAULT_TOKENS = 2048
-WINDOW = 512  # tokens per forward pass, BOS first
 
 
 def default_text() -> str:
@@ -49,15 +49,15 @@ def importance(lm, text: str | None = None, tokens: int = DEFAULT_TOKENS) -> dic
                if isinstance(m, nn.Linear) and is_quantizable(n + ".weight")]  # fmt: skip
     if not handles:
         raise InvalidParameterError("calibration needs dense matrices; load the model with quantize='none'")
-    device = model.device
+    # Self-contained windows of one prefill chunk each (BOS first), run without a cache. The model
+    # is dense float32 here, for which the core's policy gives 512: the window the importances
+    # above were measured with.
+    window = core.prefill_chunk_for(model)
     try:
         with torch.inference_mode():
-            for s in range(0, len(ids), WINDOW - 1):
-                chunk = [lm.tokenizer.bos_id] + ids[s : s + WINDOW - 1]
-                t = len(chunk)
+            for s in range(0, len(ids), window - 1):
                 # Only the last position's logits: the LM head's 6-bit rounding takes no importance.
-                model(torch.tensor([chunk], device=device), torch.arange(t, device=device)[None],
-                      select=torch.tensor([t - 1], device=device))  # fmt: skip
+                core.prefill(model, None, [[lm.tokenizer.bos_id] + ids[s : s + window - 1]], chunk=window)
     finally:
         for h in handles:
             h.remove()

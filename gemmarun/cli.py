@@ -39,7 +39,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args):
-    from .sampling import SamplingParams
+    from .generation.sampling import SamplingParams
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -187,7 +187,7 @@ def cmd_perplexity(args) -> int:
     from pathlib import Path
 
     from .evaluate.report import Progress
-    from .perplexity import perplexity, window_count
+    from .evaluate.perplexity import perplexity, window_count
 
     path = Path(args.file)
     if not path.is_file():

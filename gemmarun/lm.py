@@ -7,10 +7,11 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import ContextLengthError, InvalidParameterError
-from .generate import GenerationResult, Generator
+from .generation import core
+from .generation.generator import Generator
+from .generation.sampling import SamplingParams
 from .weights.loader import load_checkpoint, parse_dtype, warn_dtype
 from .weights.source import resolve
-from .sampling import SamplingParams
 
 Prompt = str | Sequence[int]
 
@@ -74,26 +75,21 @@ class LanguageModel:
                 if e.text:
                     yield e.text
 
-    def logits(self, token_ids: Sequence[int] | torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """float32 logits (T, V) of every position, soft-capped: the scoring path."""
-        ids = torch.as_tensor(token_ids if isinstance(token_ids, torch.Tensor) else self.encode(token_ids), dtype=torch.long)
+    def logits(self, token_ids: Sequence[int] | torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """float32 logits (T, V) of every position, soft-capped: the scoring path. Tokens beyond
+        one chunk (the core's policy unless given) go through a KV cache, chunk by chunk."""
+        ids = token_ids if isinstance(token_ids, torch.Tensor) else self.encode(token_ids)
+        ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.ndim != 1 or ids.numel() == 0:
             raise InvalidParameterError("logits() takes a non-empty 1-D sequence of token ids")
         t = ids.numel()
-        if t > self.context:
-            raise ContextLengthError(f"{t} tokens do not fit the context of {self.context}")
+        core.check_prompt(t, self.context, self.config.max_position_embeddings, room=0)
+        chunk = chunk or core.prefill_chunk_for(self.model)
         from .cache import KVCache
 
-        device = self.model.device
+        cache = KVCache.for_model(self.model, 1, t) if t > chunk else None  # one chunk needs no cache
         with torch.inference_mode():
-            if t <= chunk:
-                return self.model(ids[None].to(device), torch.arange(t, device=device)[None])[0]
-            cache = KVCache.for_model(self.model, 1, t)
-            parts = [
-                self.model(ids[None, s : s + chunk].to(device), torch.arange(s, min(s + chunk, t), device=device)[None], cache)[0]
-                for s in range(0, t, chunk)
-            ]
-            return torch.cat(parts)
+            return torch.cat([logits for _, logits in core.score(self.model, cache, ids.tolist(), 0, chunk)])
 
 
 def load(

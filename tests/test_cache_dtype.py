@@ -13,7 +13,7 @@ import gemmarun.model
 from gemmarun import ConfigError
 from gemmarun.cache import KVCache
 from gemmarun.chat import ChatSession
-from gemmarun.engine import Engine
+from gemmarun.generation import Engine
 from gemmarun.kernels import attention_kernel
 from checkpoints import make_reference, save_checkpoint
 

@@ -8,7 +8,7 @@ import torch
 
 import gemmarun
 from gemmarun import SamplingParams
-from gemmarun.engine import Engine, EngineBusyError, Request, wait_idle
+from gemmarun.generation.engine import Engine, EngineBusyError, EngineClosedError, Request
 from checkpoints import make_reference, save_checkpoint
 
 
@@ -16,6 +16,8 @@ from checkpoints import make_reference, save_checkpoint
 def lm(tmp_path_factory):
     return gemmarun.load(save_checkpoint(make_reference("gemma2", seed=11), tmp_path_factory.mktemp("engine")))
 
+
+WAIT = 120  # seconds: every wait on the engine's thread is bounded, so a hang fails instead of stalling the suite
 
 PROMPTS = ["Hello there", "Once upon a time the model", "the", "Water is very long little " * 6, "def add(a, b):", "café"]
 
@@ -38,7 +40,7 @@ def test_batched_results_equal_each_request_run_alone(lm):
     # short prompts are prefilled together, long ones in several chunks.
     with Engine(lm, max_batch=3, max_waiting=16, prefill_chunk=16) as engine:
         handles = [engine.submit(Request(ids, params)) for ids, params in cases]
-        results = [h.result() for h in handles]
+        results = [h.result(WAIT) for h in handles]
         assert engine.steps < sum(r.completion_tokens for r in results)  # rows really shared steps
     for a, b in zip(alone, results):
         assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
@@ -63,21 +65,22 @@ def test_prefill_is_interleaved_with_decoding(lm):
     """A long prompt read in chunks must not stall a stream that is already running."""
     order = []
     lock = threading.Lock()
+    started = threading.Event()
 
     def sink(handle, event):
         with lock:
             order.append(handle.id)
+        started.set()
 
     long_prompt = lm.tokenizer.encode("Water is very long little " * 12)
     assert len(long_prompt) > 40
     with Engine(lm, max_batch=2, prefill_chunk=4) as engine:
         running = engine.submit(Request(lm.tokenizer.encode("Hi"), SamplingParams(max_new_tokens=120, ignore_eos=True)), sink)
-        while not order:
-            pass
+        assert started.wait(timeout=WAIT)  # the running stream's first token
         with lock:
             mark = len(order)
         late = engine.submit(Request(long_prompt, SamplingParams(max_new_tokens=3, ignore_eos=True)), sink)
-        assert wait_idle(engine)
+        assert engine.wait_idle(timeout=WAIT)
     between = order[mark : order.index(late.id)].count(running.id)
     chunks = -(-len(long_prompt) // 4)
     assert between >= chunks - 1  # one decode step of the running stream per prefill chunk
@@ -87,7 +90,7 @@ def test_cancel_frees_the_row_at_once_and_queue_is_bounded(lm):
     long = SamplingParams(max_new_tokens=400, ignore_eos=True)
     with Engine(lm, max_batch=1, max_waiting=1) as engine:
         first = engine.submit(Request(lm.tokenizer.encode("Hello"), long))
-        events = first.events()
+        events = first.events(WAIT)
         next(events)  # running: it holds the only row
         second = engine.submit(Request(lm.tokenizer.encode("Once upon"), SamplingParams(max_new_tokens=5)))
         with pytest.raises(EngineBusyError, match="busy"):
@@ -97,8 +100,8 @@ def test_cancel_frees_the_row_at_once_and_queue_is_bounded(lm):
         first.cancel()
         last = list(events)[-1]
         assert last.finish_reason == "cancelled" and last.result.completion_tokens < 400
-        assert second.result().token_ids == lm.generate("Once upon", max_new_tokens=5).token_ids
-        assert wait_idle(engine) and engine.healthy
+        assert second.result(WAIT).token_ids == lm.generate("Once upon", max_new_tokens=5).token_ids
+        assert engine.wait_idle(timeout=WAIT) and engine.healthy
 
 
 def test_every_request_answered_exactly_once(lm):
@@ -125,8 +128,9 @@ def test_every_request_answered_exactly_once(lm):
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
-        assert wait_idle(engine)
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
+        assert engine.wait_idle(timeout=WAIT)
         assert engine.stats()["running"] == 0
     assert len(handles) == 24 and all(lasts.get(h.id) == 1 for h in handles)
 
@@ -137,8 +141,8 @@ def test_logprobs_are_the_models_own_scores(lm):
         other = engine.submit(Request(lm.tokenizer.encode("the"), SamplingParams(max_new_tokens=30, ignore_eos=True)))
         h = engine.submit(Request(prompt, SamplingParams(max_new_tokens=12, temperature=0.8, seed=2, ignore_eos=True),
                                   logprobs=3, prompt_logprobs=True))  # fmt: skip
-        events = list(h.events())
-        other.result()
+        events = list(h.events(WAIT))
+        other.result(WAIT)
     ids = events[-1].result.token_ids
     reference = torch.log_softmax(lm.logits(prompt + ids), dim=-1)  # (T, V), soft-capped float32
     got = [e.logprob for e in events]
@@ -159,8 +163,8 @@ def test_n_choices_get_distinct_seeded_streams(lm):
     params = SamplingParams(max_new_tokens=15, temperature=1.0, seed=9, ignore_eos=True)
     prompt = lm.tokenizer.encode("Once upon")
     with Engine(lm, max_batch=4) as engine:
-        a = [h.result().token_ids for h in engine.submit_all([Request(prompt, params, seed_offset=j) for j in range(3)])]
-        b = [h.result().token_ids for h in engine.submit_all([Request(prompt, params, seed_offset=j) for j in range(3)])]
+        a = [h.result(WAIT).token_ids for h in engine.submit_all([Request(prompt, params, seed_offset=j) for j in range(3)])]
+        b = [h.result(WAIT).token_ids for h in engine.submit_all([Request(prompt, params, seed_offset=j) for j in range(3)])]
     assert a == b and len({tuple(x) for x in a}) == 3
     assert a[0] == lm.generate(prompt, params).token_ids  # choice 0 uses the seed itself
 
@@ -178,19 +182,37 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(lm, monkeypatch
 
         monkeypatch.setattr(engine.model, "forward", flaky)
         with pytest.raises(RuntimeError, match="boom"):
-            engine.submit(Request(lm.tokenizer.encode("Hello"), SamplingParams(max_new_tokens=3))).result()
+            engine.submit(Request(lm.tokenizer.encode("Hello"), SamplingParams(max_new_tokens=3))).result(WAIT)
         monkeypatch.setattr(engine.model, "forward", real)
-        ok = engine.submit(Request(lm.tokenizer.encode("Hello"), SamplingParams(max_new_tokens=3))).result()
+        ok = engine.submit(Request(lm.tokenizer.encode("Hello"), SamplingParams(max_new_tokens=3))).result(WAIT)
         assert ok.token_ids == lm.generate("Hello", max_new_tokens=3).token_ids
         assert engine.healthy
 
 
 def test_closing_answers_what_is_left(lm):
-    engine = Engine(lm, max_batch=1)
+    engine = Engine(lm, max_batch=1).start()
     running = engine.submit(Request([2, 5], SamplingParams(max_new_tokens=400, ignore_eos=True)))
     waiting = engine.submit(Request([2, 6], SamplingParams(max_new_tokens=4)))
     engine.close()
     for h in (running, waiting):
-        last = list(h.events())[-1]
+        last = list(h.events(WAIT))[-1]
         assert last.last
     assert not engine.healthy
+
+
+def test_the_thread_starts_with_start_not_init(lm):
+    engine = Engine(lm, max_batch=1)
+    assert not engine.healthy  # no thread yet
+    with pytest.raises(EngineClosedError, match="not running"):
+        engine.submit(Request([2, 5], SamplingParams(max_new_tokens=2)))
+    engine.start()
+    try:
+        assert engine.healthy
+        out = engine.submit(Request([2, 5], SamplingParams(max_new_tokens=2, ignore_eos=True))).result(WAIT)
+        assert out.token_ids == lm.generate([2, 5], max_new_tokens=2, ignore_eos=True).token_ids
+        assert engine.wait_idle(timeout=WAIT)
+    finally:
+        engine.close()
+    assert not engine.healthy
+    with pytest.raises(EngineClosedError):
+        engine.start()

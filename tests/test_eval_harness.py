@@ -11,7 +11,7 @@ import torch
 import gemmarun
 from gemmarun.evaluate import Request, Scorer, evaluate
 from gemmarun.evaluate.harness import GemmarunLM
-from gemmarun.perplexity import perplexity, window_count
+from gemmarun.evaluate.perplexity import perplexity, window_count
 from checkpoints import make_reference, save_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"

@@ -9,7 +9,7 @@ import torch
 
 import gemmarun
 from gemmarun import InvalidParameterError, SamplingParams
-from gemmarun.sampling import probabilities, sample_one
+from gemmarun.generation.sampling import probabilities, sample_one
 from checkpoints import make_reference, save_checkpoint
 
 

@@ -100,3 +100,55 @@ def test_long_prompt_prefill_in_chunks(pair):
     finally:
         lm.generator.prefill_chunk = default
     assert chunked.token_ids == whole.token_ids
+
+
+def test_core_prefill_and_decode_rows_at_their_own_positions(pair):
+    """The generation core: two rows resumed from different start positions, chunk by chunk across
+    the window of 16, then one decoding step each, equal the full forward at the same positions."""
+    from gemmarun.generation import core
+
+    _, lm = pair
+    ids = torch.randint(3, lm.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(4)).tolist()
+    full = [lm.logits(row) for row in ids]
+    cache = KVCache.for_model(lm.model, 2, SEQ)
+    with torch.inference_mode():
+        core.prefill(lm.model, cache, [ids[0][:10], ids[1][:3]], chunk=4)
+        # row 0 resumes at 10 and ends at 35, row 1 at 3 and ends at 38; chunks of 7 padded tokens
+        got = core.prefill(lm.model, cache, [ids[0][10:35], ids[1][3:38]], starts=[10, 3], chunk=7)
+        step = core.decode(lm.model, cache, [ids[0][35], None], [35, -1])  # row 1 idles
+        step2 = core.decode(lm.model, cache, [ids[0][36], ids[1][38]], [36, 38])
+    assert (got[0] - full[0][34]).abs().max().item() < 1e-4
+    assert (got[1] - full[1][37]).abs().max().item() < 1e-4
+    assert (step[0] - full[0][35]).abs().max().item() < 1e-4
+    assert (step2[0] - full[0][36]).abs().max().item() < 1e-4
+    assert (step2[1] - full[1][38]).abs().max().item() < 1e-4  # the idle step wrote nothing into row 1
+
+
+def test_core_scores_are_the_models_logits(pair):
+    from gemmarun.generation import core
+
+    _, lm = pair
+    ids = torch.randint(3, lm.config.vocab_size, (SEQ,), generator=torch.Generator().manual_seed(5)).tolist()
+    full = lm.logits(ids)
+    cache = KVCache.for_model(lm.model, 1, SEQ)
+    with torch.inference_mode():
+        parts = list(core.score(lm.model, cache, ids, chunk=9))
+    assert [s for s, _ in parts] == [0, 9, 18, 27, 36]
+    assert (torch.cat([p for _, p in parts]) - full).abs().max().item() < 1e-4
+    logp, greedy = core.token_logprobs(full[:-1], ids[1:])
+    want = torch.log_softmax(full[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.equal(logp, want) and torch.equal(greedy, full[:-1].argmax(-1) == torch.tensor(ids[1:]))
+
+
+def test_core_context_check():
+    from gemmarun import ContextLengthError, InvalidParameterError
+    from gemmarun.generation import core
+
+    core.check_prompt(7, 8, 512)  # room for one new token
+    core.check_prompt(8, 8, 512, room=0)  # scoring: the tokens only
+    with pytest.raises(ContextLengthError, match="the prompt has 8 tokens but the context holds 8"):
+        core.check_prompt(8, 8, 512)
+    with pytest.raises(ContextLengthError, match="9 tokens do not fit the context of 8"):
+        core.check_prompt(9, 8, 512, room=0)
+    with pytest.raises(InvalidParameterError, match="empty"):
+        core.check_prompt(0, 8, 512)

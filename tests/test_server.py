@@ -12,7 +12,7 @@ import torch
 import gemmarun
 from gemmarun import SamplingParams
 from gemmarun.chat import render_messages
-from gemmarun.engine import Engine, Request, wait_idle
+from gemmarun.generation.engine import Engine, Request, wait_idle
 from gemmarun.server import Server
 from background_server import BackgroundServer
 from checkpoints import make_reference, save_checkpoint

@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..cache import KVCache
-from ..sampling import SamplingParams
+from ..generation import core
+from ..generation.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,11 @@ Progress = Callable[[int], None]  # called with the number of items just finishe
 class Scorer:
     """Scores (context, continuation) pairs and decodes prompts greedily for one LanguageModel."""
 
-    def __init__(self, lm, chunk: int = 512, min_shared: int = 16, batch_size: int = 8):
+    def __init__(self, lm, chunk: int | None = None, min_shared: int = 16, batch_size: int = 8):
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
-        self.chunk = chunk  # tokens per forward call when filling a cache
+        self.chunk = chunk or core.prefill_chunk_for(lm.model)  # tokens per forward when filling a cache
         self.min_shared = min_shared  # shortest shared prefix worth caching on its own
         self.batch_size = batch_size  # prompts decoded together
 
@@ -128,40 +129,25 @@ class Scorer:
         if base is None:
             cache, start, last = KVCache.for_model(self.model, 1, size), 0, None
         else:
-            cache, start, last = _copy_cache(base.cache, 1), len(base.ids), base.last
-        device = self.model.device
-        for s in range(start, len(ids), self.chunk):
-            e = min(s + self.chunk, len(ids))
-            tokens = torch.tensor([ids[s:e]], device=device)
-            positions = torch.arange(s, e, device=device)[None]
-            last = self.model(tokens, positions, cache, select=torch.tensor([e - s - 1], device=device))[0]
+            cache, start, last = base.cache.repeat(1), len(base.ids), base.last
+        if start < len(ids):
+            last = core.prefill(self.model, cache, [ids[start:]], [start], self.chunk)[0]
         return _State(list(ids), cache, last)
 
     def _continuations(self, state: _State, conts: list[list[int]]) -> list[LogLikelihood]:
         """Score each continuation after the state's tokens; all rows share one copy of the cache."""
-        first = torch.log_softmax(state.last.float(), -1)  # the first token is predicted by the context
-        t = max(len(c) for c in conts) - 1
         rest = None
-        if t > 0:
-            device = self.model.device
-            n, b = len(state.ids), len(conts)
-            tokens = torch.zeros(b, t, dtype=torch.long)
-            positions = torch.full((b, t), -1, dtype=torch.long)  # -1: padding
-            for r, c in enumerate(conts):
-                tokens[r, : len(c) - 1] = torch.tensor(c[:-1])
-                positions[r, : len(c) - 1] = torch.arange(n, n + len(c) - 1)
-            cache = _copy_cache(state.cache, b)
-            rest = self.model(tokens.to(device), positions.to(device), cache)  # (B, T, V)
+        if max(len(c) for c in conts) > 1:  # each row feeds c[:-1] after the context; c[0] needs none
+            cache = state.cache.repeat(len(conts))
+            starts = [len(state.ids)] * len(conts)
+            rest = core.forward(self.model, cache, [c[:-1] for c in conts], starts, last=False)  # (B, T, V)
         out = []
         for r, c in enumerate(conts):
-            logp = [first]
+            logits = state.last[None]  # the first token is predicted by the context
             if len(c) > 1:
-                logp.append(torch.log_softmax(rest[r, : len(c) - 1].float(), -1))
-            lp = torch.cat([x.reshape(-1, first.shape[-1]) for x in logp])  # (len(c), V)
-            target = torch.tensor(c, device=lp.device)
-            picked = lp.gather(1, target[:, None])[:, 0]
-            greedy = bool((lp.argmax(-1) == target).all())
-            out.append(LogLikelihood(float(picked.double().sum()), greedy, len(c)))
+                logits = torch.cat([logits, rest[r, : len(c) - 1]])  # (len(c), V)
+            picked, greedy = core.token_logprobs(logits, c)
+            out.append(LogLikelihood(float(picked.double().sum()), bool(greedy.all()), len(c)))
         return out
 
     def token_logprobs(self, ids: list[int], score_from: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,23 +155,19 @@ class Scorer:
         whether each was the argmax; computed chunk by chunk through one cache."""
         if not ids or ids[0] != self.tokenizer.bos_id:
             raise ValueError("token_logprobs() needs ids that start with BOS")
-        if len(ids) > self.lm.context:
-            raise ValueError(f"{len(ids)} tokens do not fit the context of {self.lm.context}")
+        core.check_prompt(len(ids), self.lm.context, self.lm.config.max_position_embeddings, room=0)
         score_from = max(score_from, 1)
-        device = self.model.device
         cache = KVCache.for_model(self.model, 1, len(ids))
         logps, greedy = [], []
         with torch.inference_mode():
-            for s in range(0, len(ids) - 1, self.chunk):
-                e = min(s + self.chunk, len(ids) - 1)  # positions s..e-1 predict ids s+1..e
-                logits = self.model(torch.tensor([ids[s:e]], device=device), torch.arange(s, e, device=device)[None], cache)[0]
+            for s, logits in core.score(self.model, cache, ids[:-1], 0, self.chunk):  # row j predicts ids[s + j + 1]
+                e = s + logits.shape[0]
                 keep = max(score_from - 1 - s, 0)  # skip predictions of tokens before score_from
                 if keep >= e - s:
                     continue
-                lp = torch.log_softmax(logits[keep:].float(), -1)
-                target = torch.tensor(ids[s + 1 + keep : e + 1], device=lp.device)
-                logps.append(lp.gather(1, target[:, None])[:, 0].double().cpu())
-                greedy.append((lp.argmax(-1) == target).cpu())
+                lp, top = core.token_logprobs(logits[keep:], ids[s + 1 + keep : e + 1])
+                logps.append(lp.double().cpu())
+                greedy.append(top.cpu())
         if not logps:
             return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
         return torch.cat(logps), torch.cat(greedy)
@@ -234,13 +216,3 @@ class Scorer:
                 progress(len(batch))
         return out
 
-
-def _copy_cache(src: KVCache, batch: int) -> KVCache:
-    """A cache of `batch` rows, each a copy of src's single row."""
-    dst = KVCache(src.config, batch, src.context, src.k[0].dtype, src.k[0].device)
-    for d, s in zip(dst.k + dst.v, src.k + src.v):
-        d.copy_(s.expand_as(d))
-    for kind, table in src.pos.items():
-        dst.pos[kind].copy_(table.expand_as(dst.pos[kind]))
-    dst.filled = src.filled
-    return dst

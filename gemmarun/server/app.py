@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
+from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
 from ..errors import ContextLengthError, InvalidParameterError
 from .requests import Parsed, json_body, parse_chat, parse_completion
 from .responses import APIError, ResponseWriter, engine_failure

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..chat import render_messages
-from ..engine import Request
+from ..generation.engine import Request
 from ..errors import InvalidParameterError
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 from .responses import APIError
 
 if TYPE_CHECKING:

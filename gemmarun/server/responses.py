@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
 
-from ..engine import EngineClosedError, Event, Handle, TokenLogprob
+from ..generation.engine import EngineClosedError, Event, Handle, TokenLogprob
 
 if TYPE_CHECKING:
     from .requests import Parsed

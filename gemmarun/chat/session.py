@@ -1,57 +1,15 @@
-"""Chat: the prompt template, a conversation that keeps its KV cache across turns, and the REPL.
-
-Gemma has no system role (DESIGN pitfall 9): a system message becomes a prefix of the first user
-turn; the assistant speaks as `model`; replies end with `<end_of_turn>` (or `<eos>`).
-"""
+"""A conversation that keeps its KV cache across turns, fed through the generation core."""
 from __future__ import annotations
 
-import sys
-from typing import Callable, Iterator, TextIO
+from typing import Callable, Iterator
 
 import torch
 
-from .cache import KVCache
-from .errors import ContextLengthError, GemmarunError, InvalidParameterError
-from .generate import prefill_chunk_for
-from .sampling import SamplingParams, sample_one
-from .tokenizer import _chat_turns
-
-
-def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The prompt text for OpenAI-style messages: the checkpoint's own chat template when it ships
-    one, Gemma's turn format otherwise. The result starts with <bos>; encode() adds no second one."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
-    # Fold the system message ourselves first: Gemma 2's own template raises on a system role.
-    turns = [{"role": "assistant" if role == "model" else role, "content": text} for role, text in _chat_turns(messages)]
-    return _jinja(template).render(
-        messages=turns,
-        add_generation_prompt=add_generation_prompt,
-        bos_token=tokenizer.id_to_piece(tokenizer.bos_id),
-        eos_token=tokenizer.id_to_piece(tokenizer.eos_id),
-    )
-
-
-_TEMPLATES: dict[str, object] = {}
-
-
-def _jinja(source: str):
-    """Compile a Hugging Face chat template the way transformers does (sandboxed, trimmed blocks)."""
-    if source not in _TEMPLATES:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise InvalidParameterError(f"the model's chat template refused the messages: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            _TEMPLATES[source] = env.from_string(source)
-        except TemplateError as e:
-            raise GemmarunError(f"the checkpoint's chat template does not compile: {e}") from None
-    return _TEMPLATES[source]
+from ..cache import KVCache
+from ..errors import ContextLengthError, InvalidParameterError
+from ..generation import core
+from ..generation.sampling import SamplingParams, sample_one
+from .template import render_messages
 
 
 class ChatSession:
@@ -68,7 +26,7 @@ class ChatSession:
         self.system = system
         self.params = params or SamplingParams(max_new_tokens=512)
         self.notify = notify or (lambda message: None)
-        self.prefill_chunk = prefill_chunk or prefill_chunk_for(lm.model)
+        self.prefill_chunk = prefill_chunk or core.prefill_chunk_for(lm.model)
         self.cache = KVCache.for_model(lm.model, 1, lm.context)
         self.reset()
 
@@ -154,62 +112,7 @@ class ChatSession:
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         """Run tokens through the model at the next positions; logits (V,) after the last one."""
-        model, dev = self.lm.model, self.lm.model.device
-        logits = None
         with torch.inference_mode():
-            for s in range(0, len(tokens), self.prefill_chunk):
-                chunk = tokens[s : s + self.prefill_chunk]
-                start = len(self.ids)
-                logits = model(
-                    torch.tensor(chunk, device=dev)[None],
-                    torch.arange(start, start + len(chunk), device=dev)[None],
-                    self.cache,
-                    select=torch.tensor([len(chunk) - 1], device=dev),
-                )[0]
-                self.ids.extend(chunk)
+            logits = core.prefill(self.lm.model, self.cache, [tokens], [len(self.ids)], self.prefill_chunk)[0]
+        self.ids.extend(tokens)
         return logits.cpu()
-
-
-HELP = "commands: /reset (forget the conversation), /quit (or end of input)"
-
-
-def run_repl(lm, session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
-             stderr: TextIO = sys.stderr) -> int:  # fmt: skip
-    """Interactive chat on a terminal; with piped input, each line is one user message."""
-    interactive = stdin.isatty()
-    if interactive:
-        print(f"gemmarun chat ({lm.source}); {HELP}", file=stderr)
-    while True:
-        if interactive:
-            stdout.write("> ")
-            stdout.flush()
-        line = stdin.readline()
-        if line == "":  # end of input
-            if interactive:
-                stdout.write("\n")
-            return 0
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            session.reset()
-            print("[conversation reset]", file=stderr)
-            continue
-        if line.startswith("/") and line.split()[0] in ("/help", "/?"):
-            print(HELP, file=stderr)
-            continue
-        try:
-            for piece in session.send(line):
-                stdout.write(piece)
-                stdout.flush()
-        except KeyboardInterrupt:
-            if not interactive:
-                raise
-            print("\n[interrupted]", file=stderr)
-        except ContextLengthError as e:
-            print(f"error: {e}", file=stderr)
-            continue
-        stdout.write("\n")
-        stdout.flush()

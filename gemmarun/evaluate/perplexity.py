@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import InvalidParameterError
+from ..errors import InvalidParameterError
 
 
 @dataclass
@@ -31,7 +31,7 @@ def window_count(n_tokens: int, window: int, stride: int) -> int:
 
 
 def perplexity(lm, text: str, window: int = 1024, stride: int = 512, progress=None) -> PerplexityResult:
-    from .evaluate.scorer import Scorer
+    from .scorer import Scorer
 
     if not text:
         raise InvalidParameterError("the text is empty")

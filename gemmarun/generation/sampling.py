@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InvalidParameterError
+from ..errors import InvalidParameterError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""The engine's model runner: its KV cache of `max_batch` rows, the core's prefill / decode /
+scoring over them, sampling and logprobs. Only the engine's thread calls it.
+
+One step = at most one prefill forward of at most `prefill_chunk` padded tokens (the next chunk of
+the oldest new prompt, plus those of other new prompts that fit beside it), so running streams keep
+moving while a long prompt is read, then one decoding forward over every row that has a token to
+feed, each row at its own position.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..cache import KVCache
+from . import core
+from .sampling import sample_one
+from .scheduler import Event, Slot, TokenLogprob
+
+
+class ModelRunner:
+    def __init__(self, model, max_batch: int, context: int, prefill_chunk: int | None = None):
+        self.model = model
+        self.cache = KVCache.for_model(model, max_batch, context)
+        # Padded tokens per prefill forward: the core's policy, which is also the engine's per-step
+        # budget for reading prompts (a smaller one keeps running streams' steps shorter).
+        self.prefill_chunk = prefill_chunk or core.prefill_chunk_for(model)
+        # A scored prompt keeps every position's logits: the core's bound for them, within the budget.
+        self.score_chunk = min(self.prefill_chunk, core.score_chunk_for(model))
+
+    def release(self, row: int) -> None:
+        """Forget a freed row's keys and values, so decoding over the rows below it reads less."""
+        self.cache.reset(torch.tensor([row]))
+
+    def step(self, slots: list[Slot]) -> tuple[list[tuple[Slot, Event]], int]:
+        """One engine step over the occupied slots: (each sampled token's slot and event, in order;
+        decoding forwards run)."""
+        out: list[tuple[Slot, Event]] = []
+        prefilling = [s for s in slots if s.prefilled < len(s.prompt)]
+        if prefilling:
+            group = self._prefill_group(prefilling)
+            if group[0].handle.request.prompt_logprobs:
+                self._prefill_scored(group[0], out)
+            else:
+                self._prefill(group, out)
+        decoding = [s for s in slots if s.pending is not None and s.handle.seq.finish_reason is None]
+        if decoding:
+            self._decode(decoding, out)
+        return out, int(bool(decoding))
+
+    def _prefill_group(self, prefilling: list[Slot]) -> list[Slot]:
+        """The oldest prefilling row, with the others whose next chunks fit in one forward of at
+        most prefill_chunk padded tokens: a burst of short prompts is read at once, while a long
+        prompt still goes one chunk per step so the running streams keep moving."""
+        ordered = sorted(prefilling, key=lambda s: s.order)
+        group = ordered[:1]
+        if group[0].handle.request.prompt_logprobs:
+            return group
+        for s in ordered[1:]:
+            candidate = group + [s]
+            rows = [c.row for c in candidate]
+            t = max(min(self.prefill_chunk, len(c.prompt) - c.prefilled) for c in candidate)
+            if not s.handle.request.prompt_logprobs and (max(rows) - min(rows) + 1) * t <= self.prefill_chunk:
+                group = candidate
+        return group
+
+    def _prefill(self, group: list[Slot], out: list) -> None:
+        """The next chunk of each row's prompt in one forward over rows [lo, hi); rows outside the
+        group idle as padding. A row whose prompt is done samples its first token."""
+        lo, hi = min(s.row for s in group), max(s.row for s in group) + 1
+        pieces: list[list[int]] = [[] for _ in range(hi - lo)]
+        starts = [0] * (hi - lo)
+        for s in group:
+            pieces[s.row - lo] = s.prompt[s.prefilled : s.prefilled + self.prefill_chunk]
+            starts[s.row - lo] = s.prefilled
+        logits = core.forward(self.model, self.cache.rows(lo, hi), pieces, starts).cpu()  # (hi - lo, V)
+        for s in group:
+            s.prefilled += len(pieces[s.row - lo])
+            if s.prefilled == len(s.prompt):
+                s.pos = s.prefilled
+                out.append((s, self._sample(s, logits[s.row - lo])))
+
+    def _prefill_scored(self, s: Slot, out: list) -> None:
+        """One chunk of a prompt that is scored too (echo with logprobs), in a forward over its row."""
+        prompt, start = s.prompt, s.prefilled
+        chunk = prompt[start : start + self.score_chunk]
+        [(_, logits)] = core.score(self.model, self.cache.rows(s.row, s.row + 1), chunk, start, len(chunk))
+        logits = logits.cpu()  # (T, V)
+        stop = start + len(chunk)
+        if start == 0:
+            s.prompt_logprobs.append(None)  # the first token has no context to be scored in
+        k = s.handle.request.logprobs or 0
+        for i in range(len(chunk) - 1):
+            s.prompt_logprobs.append(logprob(logits[i], prompt[start + i + 1], k))
+        if stop < len(prompt):
+            s.prompt_logprobs.append(logprob(logits[-1], prompt[stop], k))
+        s.prefilled = stop
+        if stop == len(prompt):
+            s.pos = len(prompt)
+            out.append((s, self._sample(s, logits[-1])))
+
+    def _decode(self, slots: list[Slot], out: list) -> None:
+        """One token for every decoding row in one forward over rows [0, hi); other rows idle as padding."""
+        hi = max(s.row for s in slots) + 1
+        tokens: list[int | None] = [None] * hi
+        positions = [-1] * hi
+        for s in slots:
+            tokens[s.row], positions[s.row] = s.pending, s.pos
+        logits = core.decode(self.model, self.cache.rows(0, hi), tokens, positions).cpu()  # (hi, V)
+        for s in slots:
+            s.pos += 1
+            out.append((s, self._sample(s, logits[s.row])))
+
+    def _sample(self, s: Slot, logits: torch.Tensor) -> Event:
+        seq, req = s.handle.seq, s.handle.request
+        token = sample_one(logits, seq.params, s.prompt_t, torch.tensor(seq.ids, dtype=torch.long), seq.generator)
+        lp = logprob(logits, token, req.logprobs) if req.logprobs is not None else None
+        first = not seq.ids
+        piece = seq.add(token)
+        event = Event(piece, token, lp, seq.finish_reason)
+        if first and req.prompt_logprobs:
+            event.prompt_logprobs = s.prompt_logprobs
+        if seq.finish_reason is not None:
+            event.result = seq.result()
+        else:
+            s.pending = token
+        return event
+
+
+def logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """A token's log-probability under one row of logits (V,), with the k most likely alternatives."""
+    lsm = torch.log_softmax(logits.float(), dim=-1)
+    top = []
+    if k:
+        values, ids = torch.topk(lsm, k)
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return TokenLogprob(int(token), float(lsm[token]), top)
