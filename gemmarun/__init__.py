@@ -1,5 +1,5 @@
 """gemmarun: a fast, exact runtime for Gemma 2 and Gemma 3 text models."""
-from .config import PRESETS, GemmaConfig
+from .model.config import PRESETS, GemmaConfig
 from .errors import (
     CheckpointError,
     ConfigError,

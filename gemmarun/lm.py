@@ -85,7 +85,7 @@ class LanguageModel:
         t = ids.numel()
         core.check_prompt(t, self.context, self.config.max_position_embeddings, room=0)
         chunk = chunk or core.prefill_chunk_for(self.model)
-        from .cache import KVCache
+        from .model.cache import KVCache
 
         cache = KVCache.for_model(self.model, 1, t) if t > chunk else None  # one chunk needs no cache
         with torch.inference_mode():
@@ -136,7 +136,7 @@ def load(
     if calibration is None:
         config, model, tokenizer = load_checkpoint(path, torch_dtype, device, quantize, group_size)
     else:
-        from .calibrate import importance, quantize_model
+        from .quant.calibrate import importance, quantize_model
 
         config, model, tokenizer = load_checkpoint(path, torch.float32, device, "none", group_size)
         text = None if calibration is True else calibration

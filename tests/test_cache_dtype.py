@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import gemmarun
-import gemmarun.model
+import gemmarun.model.gemma
 from gemmarun import ConfigError
-from gemmarun.cache import KVCache
+from gemmarun.model.cache import KVCache
 from gemmarun.chat import ChatSession
 from gemmarun.generation import Engine
 from gemmarun.kernels import attention_kernel
@@ -49,7 +49,7 @@ def test_half_precision_cache_decodes_within_rounding(folder, monkeypatch, path,
     if path != "torch ops" and attention_kernel() is None:
         pytest.skip("no AVX2 kernels on this machine")
     if path == "torch ops":
-        monkeypatch.setattr(gemmarun.model, "attention_kernel", lambda: None)
+        monkeypatch.setattr(gemmarun.model.gemma, "attention_kernel", lambda: None)
     quantize = "int8" if path == "decode stack" else None
     ref = gemmarun.load(folder, quantize=quantize)
     lm = gemmarun.load(folder, quantize=quantize, cache_dtype=dtype)

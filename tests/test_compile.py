@@ -10,7 +10,7 @@ import torch
 
 import gemmarun
 from gemmarun import InvalidParameterError
-from gemmarun.cache import KVCache
+from gemmarun.model.cache import KVCache
 from gemmarun.generation.generator import static_context
 from gemmarun.kernels import decode_stack_class
 from checkpoints import make_reference, save_checkpoint

@@ -330,7 +330,7 @@ def test_cli_eval_writes_json(lm, tmp_path, capsys):
 
 
 def test_card_comparison_for_known_shapes(lm):
-    from gemmarun.config import PRESETS
+    from gemmarun.model.config import PRESETS
     from gemmarun.evaluate import default_shots
     from gemmarun.evaluate.card import card_model, published
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from gemmarun.config import PRESETS
+from gemmarun.model.config import PRESETS
 from gemmarun.tools.random_checkpoint import write_random_checkpoint
 
 PROBE = r"""

@@ -11,7 +11,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from gemmarun.config import GLOBAL, SLIDING, GemmaConfig
+from gemmarun.model.config import GLOBAL, SLIDING, GemmaConfig
 from gemmarun.errors import CheckpointError, ConfigError, ModelNotFoundError
 from gemmarun.weights.gguf import (
     SUPPORTED_TYPES,

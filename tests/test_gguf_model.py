@@ -12,7 +12,7 @@ import sentencepiece as spm
 import torch
 
 import gemmarun
-from gemmarun.config import GemmaConfig
+from gemmarun.model.config import GemmaConfig
 from gemmarun.weights.gguf import hf_name, is_norm, read_gguf
 from gemmarun.weights.gguf.writer import write_gguf
 from checkpoints import make_reference, save_checkpoint

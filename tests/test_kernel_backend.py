@@ -6,7 +6,7 @@ import torch
 
 import gemmarun
 from gemmarun import kernels
-from gemmarun.backend import TORCH_OPS, decode_layer, kernel_backend
+from gemmarun.model.backend import TORCH_OPS, decode_layer, kernel_backend
 from checkpoints import make_reference, save_checkpoint
 
 

@@ -174,8 +174,8 @@ def test_int4_search_equals_generic(generic, variant):
 def test_decode_stack_equals_generic(generic, variant, kind, scheme, tmp_path):
     """The whole C++ decoding step of each variant against generic's, past the sliding window."""
     import gemmarun
-    from gemmarun.backend import kernel_backend
-    from gemmarun.cache import KVCache
+    from gemmarun.model.backend import kernel_backend
+    from gemmarun.model.cache import KVCache
     from checkpoints import make_reference, save_checkpoint
 
     folder = save_checkpoint(make_reference(kind, seed=5, initializer_range=0.05), tmp_path)

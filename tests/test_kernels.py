@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from gemmarun import kernels
 from gemmarun.errors import ConfigError
 from gemmarun.kernels import attention_kernel, geglu_kernel, int4_search_kernel, rms_norm_kernel
-from gemmarun.model import apply_rope
+from gemmarun.model.gemma import apply_rope
 from gemmarun.quant import int4_search
 
 pytestmark = pytest.mark.skipif(geglu_kernel() is None, reason="no C++ kernels on this machine: the torch path runs")

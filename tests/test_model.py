@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gemmarun
-from gemmarun.cache import KVCache
+from gemmarun.model.cache import KVCache
 from checkpoints import make_reference, save_checkpoint
 
 SEQ = 40  # longer than the test window of 16

@@ -14,13 +14,13 @@ from gguf import GGMLQuantizationType as QT
 
 import gemmarun
 from gemmarun.tools.bench import _current_layout, _llama_quantize
-from gemmarun.cache import KVCache
+from gemmarun.model.cache import KVCache
 from gemmarun.kernels import int4_search_kernel, qlinear_kernel
 from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, pack_q6,
                             quantize_int4, quantize_int6, quantize_int8, unpack_nibbles, unpack_q6)
 from gemmarun.weights.gguf import GGUFTensor
 from gemmarun.weights.gguf.relay import repack
-from gemmarun.calibrate import importance
+from gemmarun.quant.calibrate import importance
 from checkpoints import make_reference, save_checkpoint
 
 

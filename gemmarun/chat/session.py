@@ -5,7 +5,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..cache import KVCache
+from ..model.cache import KVCache
 from ..errors import ContextLengthError, InvalidParameterError
 from ..generation import core
 from ..generation.sampling import SamplingParams, sample_one

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..cache import KVCache
+from ..model.cache import KVCache
 from ..generation import core
 from ..generation.sampling import SamplingParams
 

@@ -14,8 +14,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..cache import KVCache
-from ..model import Gemma
+from ..model.cache import KVCache
+from ..model.gemma import Gemma
 from . import core
 from .sampling import SamplingParams, sample_one
 from .sequence import GenerationResult, SequenceState, TextEvent, new_sequence

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import KVCache
+from ..model.cache import KVCache
 from . import core
 from .sampling import sample_one
 from .scheduler import Event, Slot, TokenLogprob

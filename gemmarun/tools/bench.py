@@ -237,7 +237,7 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
     """The random-weight gemma-2-2b checkpoint (bf16 safetensors + tokenizer), GGUF copies of the
     same weights and `gemmarun quantize` copies (int8, int4), made once and cached. The tokenizer is
     Gemma 3's vocabulary cut to Gemma 2's size (speed does not depend on which pieces the ids stand for)."""
-    from ..config import PRESETS
+    from ..model.config import PRESETS
     from ..weights.source import default_model_path
     from .random_checkpoint import write_random_checkpoint
     from ..tokenizer import Tokenizer

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..config import GemmaConfig
-from ..model import Gemma
+from ..model.config import GemmaConfig
+from ..model.gemma import Gemma
 
 
 def parameter_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:

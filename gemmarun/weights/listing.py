@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import GEMMA2_TYPES, GEMMA3_TYPES
+from ..model.config import GEMMA2_TYPES, GEMMA3_TYPES
 from .source import FILENAME, cache_dir, find_in_hf_cache, hf_cache_dir
 
 

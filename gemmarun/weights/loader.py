@@ -9,9 +9,9 @@ from typing import Iterable
 
 import torch
 
-from ..config import GemmaConfig
+from ..model.config import GemmaConfig
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError
-from ..model import Gemma
+from ..model.gemma import Gemma
 from ..quant import Packed, install
 
 DTYPES = {

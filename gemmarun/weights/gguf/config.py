@@ -1,7 +1,7 @@
 """GGUF metadata -> GemmaConfig, filling what a file leaves out as llama.cpp's loader does."""
 from __future__ import annotations
 
-from ...config import GLOBAL, SLIDING, GemmaConfig
+from ...model.config import GLOBAL, SLIDING, GemmaConfig
 from ...errors import ConfigError
 
 ARCHITECTURES = ("gemma2", "gemma3")

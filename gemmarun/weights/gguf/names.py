@@ -1,7 +1,7 @@
 """llama.cpp tensor names <-> Hugging Face names, and the tensors a Gemma checkpoint holds."""
 from __future__ import annotations
 
-from ...config import GemmaConfig
+from ...model.config import GemmaConfig
 from ...errors import CheckpointError
 
 # llama.cpp name -> Hugging Face name (convert_hf_to_gguf / gguf-py tensor_mapping for GEMMA2 and GEMMA3).

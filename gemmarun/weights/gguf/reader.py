@@ -16,7 +16,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from ...config import GemmaConfig
+from ...model.config import GemmaConfig
 from ...errors import CheckpointError, ModelNotFoundError
 from .config import config_from_gguf
 from .dequant import _decode_into, resolve_type

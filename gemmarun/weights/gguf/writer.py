@@ -14,7 +14,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from ...config import SLIDING, GemmaConfig
+from ...model.config import SLIDING, GemmaConfig
 from ...errors import CheckpointError, ConfigError
 from .config import default_layer_types, default_query_scalar
 from .names import expected_shapes, gguf_name, is_norm

@@ -14,7 +14,7 @@ from torch import nn
 from .backend import TORCH_OPS, Backend
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
-from .kernels import attention_kernel, decode_stack_module, geglu_kernel, rms_norm_kernel
+from ..kernels import attention_kernel, decode_stack_module, geglu_kernel, rms_norm_kernel
 
 
 class RMSNorm(nn.Module):

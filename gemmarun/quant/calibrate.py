@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import InvalidParameterError
-from .generation import core
-from .quant import install, is_quantizable, quantize_weight, scheme_for
+from ..errors import InvalidParameterError
+from ..generation import core
+from . import install, is_quantizable, quantize_weight, scheme_for
 
 DEFAULT_TOKENS = 2048
 

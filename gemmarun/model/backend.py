@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import QuantLinear, linears, on_kernel
+from ..quant import QuantLinear, linears, on_kernel
 
 
 def _eager() -> bool:
