@@ -227,7 +227,7 @@ def _gemma2_preset(hidden, layers, heads, kv_heads, head_dim, scalar, inter) -> 
     )
 
 
-# The table in DESIGN.md section 2; only the 27B scales queries by 144**-0.5.
+# Gemma's published configs (docs/ARCHITECTURE.md); only the 27B scales queries by 144**-0.5.
 PRESETS: dict[str, GemmaConfig] = {
     "gemma-2-2b": _gemma2_preset(2304, 26, 8, 4, 256, 256, 9216),
     "gemma-2-9b": _gemma2_preset(3584, 42, 16, 8, 256, 256, 14336),

@@ -1,7 +1,7 @@
 """The Gemma 2 / Gemma 3 text decoder: forward(tokens, positions, cache) -> logits.
 
 Module names follow the Hugging Face checkpoints, so a safetensors state dict loads as is.
-Every Gemma numeric quirk is written where it happens, with its reason (DESIGN.md section 2).
+Every Gemma numeric quirk is written where it happens, with its reason (docs/ARCHITECTURE.md, "Gemma's numeric pitfalls").
 """
 from __future__ import annotations
 
