@@ -8,6 +8,14 @@ import torch
 
 from ..errors import InvalidParameterError
 
+# Below this, temperature decodes greedily: float32 logits divided by a smaller one overflow to inf
+# (1e-38 did), and softmax of inf is NaN, which samples noise from the end of the vocabulary.
+MIN_TEMPERATURE = 1e-5
+# repetition_penalty divides or multiplies logits; outside these bounds the result overflows float32
+# or flattens every seen token to 0 (1e-320 passed validation and sampled noise).
+PENALTY_RANGE = (1e-3, 1e3)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -45,14 +53,17 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _finite(self.min_p) or not 0 <= self.min_p < 1:
             bad(f"min_p must be in [0, 1), got {self.min_p!r}")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        lo, hi = PENALTY_RANGE
+        if not _finite(self.repetition_penalty) or not lo <= self.repetition_penalty <= hi:
+            bad(f"repetition_penalty must be in [{lo:g}, {hi:g}] (1 = off), got {self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _finite(v) or not -2 <= v <= 2:
                 bad(f"{name} must be in [-2, 2], got {v!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            bad(f"seed must be a 64-bit integer (from -2**63 to 2**64 - 1), got one of {self.seed.bit_length()} bits")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop strings must be non-empty strings")
 
@@ -62,12 +73,13 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def make_generator(self, offset: int = 0) -> torch.Generator | None:
         if self.seed is None:
             return None
-        return torch.Generator().manual_seed(self.seed + offset)
+        # the n choices of one request draw from seed + i, wrapped into manual_seed's 64 bits
+        return torch.Generator().manual_seed((self.seed + offset) % 2**64)
 
 
 def _finite(v) -> bool:
@@ -112,6 +124,7 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
                 probs, ids = torch.sort(probs_all, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[..., 0] = False  # explicitly: a top_p below float32's range (1e-46) rounds to 0 and would drop it
         probs = probs.masked_fill(drop, 0.0)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)

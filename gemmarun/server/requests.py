@@ -188,8 +188,14 @@ async def json_body(request: HTTPRequest) -> dict:
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:  # JSON nested thousands of levels deep
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers of more than 4300 digits
+        raise APIError(400, f"the request body is not valid JSON ({str(e)[:200]})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:  # a lone surrogate (\ud800) parses but can be neither tokenised nor echoed back as UTF-8
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text", code="invalid_json") from None
     return body
