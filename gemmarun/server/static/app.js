@@ -127,6 +127,10 @@
         save();
         render();
       });
+      del.addEventListener("blur", () => {  // asking again after looking away
+        del.classList.remove("confirm");
+        del.textContent = "\u2715";
+      });
       li.append(open, rename, del);
       ui.list.appendChild(li);
     }
