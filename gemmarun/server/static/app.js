@@ -326,9 +326,12 @@
     }
     const t1 = performance.now();
     if (stats.tokens == null) stats.pieces = pieces;
-    // Decoding speed: tokens after the first over the time since the first (the prompt's reading excluded).
+    // Decoding speed: tokens after the first over the time since the first (the prompt's reading
+    // excluded); over the whole request when the text came in one burst (held back until the end, as
+    // bytes that do not form UTF-8 yet are), where that span says nothing.
     const n = stats.tokens != null ? stats.tokens : pieces;
-    if (tFirst !== null && n > 1 && t1 > tFirst) stats.tps = (n - 1) / ((t1 - tFirst) / 1000);
+    if (tFirst !== null && n > 1 && t1 - tFirst > 100) stats.tps = (n - 1) / ((t1 - tFirst) / 1000);
+    else if (n > 0 && t1 > t0) stats.tps = n / ((t1 - t0) / 1000);
     stats.seconds = (t1 - t0) / 1000;
     return stats;
   }
@@ -369,7 +372,6 @@
     conv.document = prompt;
     save();
     render();
-    ui.doc.readOnly = true;
     const stats = await streamInto(conv, "/v1/completions", { ...samplingBody(), prompt }, (text) => {
       conv.document += text;
       if (store.current() === conv) {
@@ -377,7 +379,6 @@
         ui.doc.scrollTop = ui.doc.scrollHeight;
       }
     });
-    ui.doc.readOnly = false;
     conv.lastStats = stats.error ? conv.lastStats : stats;
     conv.updated = Date.now();
     save();
@@ -404,6 +405,7 @@
     ui.send.hidden = on;
     ui.stop.hidden = !on;
     ui.redo.disabled = on;
+    ui.doc.readOnly = !!(busy && busy.conv === store.current() && busy.conv.mode === "completion");
     document.body.classList.toggle("busy", on);
   }
 
@@ -433,7 +435,9 @@
     ui.send.textContent = completion ? "Generate" : "Send";
     ui.redo.hidden = !completion || !conv.lastPrompt;
     if (completion) {
-      if (!(busy && busy.conv === conv)) ui.doc.value = conv.document;
+      const streaming = !!(busy && busy.conv === conv);
+      ui.doc.readOnly = streaming;  // the continuation is being written into it
+      if (!streaming) ui.doc.value = conv.document;
     } else {
       renderMessages(conv);
     }
@@ -489,11 +493,15 @@
     numberSetting(ui.topP, "top_p", parseFloat);
     numberSetting(ui.maxTokens, "max_tokens", (v) => parseInt(v, 10));
     numberSetting(ui.seed, "seed", (v) => parseInt(v, 10));
-    $("save-key").addEventListener("click", () => saveKey(ui.keyInput.value));
-    ui.keyInput.addEventListener("keydown", (e) => {
-      if (e.key === "Enter") saveKey(ui.keyInput.value);
+    // Forms (so browsers treat the key as a password field); submitting never leaves the page.
+    ui.keyBanner.addEventListener("submit", (e) => {
+      e.preventDefault();
+      saveKey(ui.keyInput.value);
     });
-    $("settings-save-key").addEventListener("click", () => saveKey(ui.settingsKey.value));
+    $("settings-key-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      saveKey(ui.settingsKey.value);
+    });
     ui.send.addEventListener("click", send);
     ui.stop.addEventListener("click", () => busy && busy.controller.abort());
     ui.redo.addEventListener("click", () => {
