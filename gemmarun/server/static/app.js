@@ -385,18 +385,23 @@
     if (store.current() === conv) render();
   }
 
+  function titleOf(text) {
+    return text.trim().replace(/\s+/g, " ").slice(0, 48);
+  }
+
   function send() {
     if (busy) return;
     const conv = store.current();
     if (conv.mode === "completion") {
       conv.document = ui.doc.value;
+      if (conv.title === "New conversation" && conv.document.trim()) conv.title = titleOf(conv.document);
       runCompletion(conv, conv.document);
       return;
     }
     const text = ui.input.value;
     if (!text.trim()) return;
     ui.input.value = "";
-    if (!conv.messages.length && conv.title === "New conversation") conv.title = text.trim().replace(/\s+/g, " ").slice(0, 48);
+    if (!conv.messages.length && conv.title === "New conversation") conv.title = titleOf(text);
     conv.messages.push({ role: "user", content: text });
     runChat(conv);
   }
@@ -441,12 +446,15 @@
     } else {
       renderMessages(conv);
     }
+    document.body.classList.toggle("completion", completion);
     const s = conv.lastStats;
-    ui.stats.textContent = s && s.prompt != null && model
-      ? `Context: the last prompt took ${s.prompt} of ${model.context_length} tokens` +
-        (s.tokens != null ? `, its reply ${s.tokens} more.` : ".")
-      : "";
-    if (completion && s) ui.stats.textContent += (ui.stats.textContent ? " " : "") + statsText(s);
+    if (completion) ui.stats.textContent = s ? "Last continuation: " + statsText(s) : "";
+    else {
+      ui.stats.textContent = s && s.prompt != null && model
+        ? `Context: the last prompt took ${s.prompt} of ${model.context_length} tokens` +
+          (s.tokens != null ? `, its reply ${s.tokens} more.` : ".")
+        : "";
+    }
   }
 
   function numberSetting(input, name, parse) {
