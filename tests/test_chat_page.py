@@ -158,8 +158,14 @@ def test_reply_streams_with_stats_and_system_prompt(page, server):
     assert re.search(rf"the last prompt took \d+ of {CONTEXT} tokens", page.text_content("#stats"))
 
 
+def _ignore_eos(route):
+    """The request as the page sent it plus ignore_eos: a random model may end its reply at any token."""
+    route.continue_(post_data=json.dumps({**json.loads(route.request.post_data), "ignore_eos": True}))
+
+
 @needs_browser
 def test_stop_cancels_and_frees_the_row(page, server):
+    page.route("**/v1/chat/completions", _ignore_eos)  # long enough to be stopped, whatever it samples
     _chat(page, server, temperature=0.9, seed=1, max_tokens=CONTEXT)
     send(page, "Tell me a long story")
     page.wait_for_function("() => document.querySelector('.msg.assistant .body').textContent.length > 20")
@@ -350,6 +356,19 @@ def test_regenerate_and_edit_the_last_message(page, server):
     browser.wait_idle(page)
     assert requests[-1][1]["messages"] == [{"role": "user", "content": "second"}]
     assert page.locator(".msg").count() == 2 and page.text_content(".msg.user .body") == "second"
+
+
+@needs_browser
+def test_markdown_structure(page, server):
+    open_page(page, server.url, MODEL)
+    got = page.evaluate("""(src) => {
+      const box = document.createElement('div');
+      box.appendChild(GemmarunMarkdown.render(src));
+      return [...box.children].map(e => [e.tagName, e.textContent, e.dataset.lang || null, e.children.length]);
+    }""", "# Title\nline one\nline two\n\n- a\n- b *c*\n\n3. x\n\n```py\nprint(1)\n\n```\n> q\n\n---\n```\nopen")  # fmt: skip
+    assert got == [["H3", "Title", None, 0], ["P", "line oneline two", None, 1], ["UL", "ab c", None, 2],
+                   ["OL", "x", None, 1], ["PRE", "print(1)\n", "py", 1], ["BLOCKQUOTE", "q", None, 1], ["HR", "", None, 0],
+                   ["PRE", "open", None, 1]]  # fmt: skip  (a fence still streaming runs to the end)
 
 
 @needs_browser
