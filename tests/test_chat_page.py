@@ -57,7 +57,8 @@ def test_page_and_its_files_are_served(server):
     csp = r.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
     scripts = re.findall(r'<script src="([^"]+)"', r.text)
-    assert scripts == ["/static/markdown.js", "/static/api.js", "/static/store.js", "/static/app.js"]
+    assert scripts == ["/static/markdown.js", "/static/api.js", "/static/store.js", "/static/messages.js",
+                       "/static/app.js"]
     for path, kind in [(s, "javascript") for s in scripts] + [("/static/style.css", "text/css")]:
         f = httpx.get(server.url + path, timeout=10)
         assert f.status_code == 200 and kind in f.headers["content-type"], path

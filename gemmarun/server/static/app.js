@@ -158,120 +158,18 @@
     input.select();
   }
 
-  // -- messages ----------------------------------------------------------------------------
+  // -- messages (messages.js) ---------------------------------------------------------------
 
-  function statsText(s) {
-    if (!s) return "";
-    const parts = [];
-    if (s.tokens != null) parts.push(`${s.tokens} tokens`);
-    else if (s.pieces != null) parts.push(`${s.pieces} pieces`);
-    if (s.tps != null) parts.push(`${s.tps.toFixed(1)} tokens/s`);
-    if (s.prompt != null) parts.push(`prompt ${s.prompt}${model ? " / " + model.context_length : ""} tokens`);
-    if (s.stopped) parts.push("stopped");
-    else if (s.error) parts.push("failed");
-    else if (s.finish) parts.push(s.finish === "length" ? "cut at max tokens" : "finished");
-    return parts.join(" \u00B7 ");
-  }
-
-  function addCopyButtons(body) {
-    for (const pre of body.querySelectorAll("pre")) {
-      const b = document.createElement("button");
-      b.type = "button";
-      b.className = "copy";
-      b.textContent = pre.dataset.lang ? pre.dataset.lang + " \u00B7 copy" : "copy";
-      b.addEventListener("click", () => {
-        const text = pre.querySelector("code").textContent;
-        if (navigator.clipboard) navigator.clipboard.writeText(text).then(() => { b.textContent = "copied"; }, () => {});
-      });
-      pre.prepend(b);
-    }
-  }
-
-  function fillBody(body, m) {
-    if (m.role === "assistant") {
-      GemmarunMarkdown.renderInto(body, m.content);
-      addCopyButtons(body);
-    } else {
-      body.textContent = m.content;  // the user's text, as typed
-    }
-  }
-
-  function messageElement(conv, m, index) {
-    const div = document.createElement("div");
-    div.className = "msg " + m.role;
-    const who = document.createElement("div");
-    who.className = "who";
-    who.textContent = m.role === "user" ? "You" : model ? model.id : "Model";
-    const body = document.createElement("div");
-    body.className = "body";
-    fillBody(body, m);
-    div.append(who, body);
-    const last = index === conv.messages.length - 1;
-    const lastUser = m.role === "user" && conv.messages.slice(index + 1).every((x) => x.role === "assistant");
-    if (m.role === "assistant") {
-      const stats = document.createElement("div");
-      stats.className = "stats small";
-      stats.textContent = statsText(m.stats);
-      div.appendChild(stats);
-    }
-    const actions = document.createElement("div");
-    actions.className = "actions";
-    if (last && m.role === "assistant") actions.appendChild(actionButton("Regenerate", "regenerate", () => regenerate(conv)));
-    if (lastUser) actions.appendChild(actionButton("Edit", "edit", () => startEdit(conv, index, div)));
-    if (actions.childNodes.length) div.appendChild(actions);
-    return div;
-  }
-
-  function actionButton(label, cls, onClick) {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.className = "small-button " + cls;
-    b.textContent = label;
-    b.addEventListener("click", () => {
-      if (!busy) onClick();
-    });
-    return b;
-  }
-
-  function renderMessages(conv) {
-    const nearBottom = ui.chatView.scrollHeight - ui.chatView.scrollTop - ui.chatView.clientHeight < 80;
-    ui.messages.replaceChildren(...conv.messages.map((m, i) => messageElement(conv, m, i)));
-    if (!conv.messages.length) {
-      const p = document.createElement("p");
-      p.className = "hint empty";
-      p.textContent = "Say something. Enter sends, Shift+Enter starts a new line, Escape stops a reply.";
-      ui.messages.appendChild(p);
-    }
-    if (nearBottom || busy) ui.chatView.scrollTop = ui.chatView.scrollHeight;
-  }
-
-  function startEdit(conv, index, div) {
-    const box = document.createElement("textarea");
-    box.className = "edit-box";
-    box.value = conv.messages[index].content;
-    box.rows = Math.min(10, box.value.split("\n").length + 1);
-    const resend = actionButton("Send", "edit-send", () => {
-      if (!box.value.trim()) return;
+  const messageView = GemmarunMessages.create({
+    container: ui.messages, scroller: ui.chatView, model: () => model, busy: () => !!busy,
+    onRegenerate: (conv) => regenerate(conv),
+    onResend: (conv, index, text) => {
       conv.messages = conv.messages.slice(0, index);
-      conv.messages.push({ role: "user", content: box.value });
+      conv.messages.push({ role: "user", content: text });
       runChat(conv);
-    });
-    const cancel = actionButton("Cancel", "edit-cancel", () => render());
-    box.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
-        e.preventDefault();
-        resend.click();
-      } else if (e.key === "Escape") cancel.click();
-    });
-    const actions = document.createElement("div");
-    actions.className = "actions";
-    actions.append(resend, cancel);
-    div.querySelector(".body").replaceChildren(box);
-    const old = div.querySelector(".actions");
-    if (old) old.remove();
-    div.appendChild(actions);
-    box.focus();
-  }
+    },
+  });
+  const statsText = messageView.statsText;
 
   function regenerate(conv) {
     while (conv.messages.length && conv.messages[conv.messages.length - 1].role === "assistant") conv.messages.pop();
@@ -353,7 +251,7 @@
           scheduled = false;
           const el = store.current() === conv && conv.mode === "chat" ? ui.messages.lastElementChild : null;
           if (el && el.classList.contains("assistant")) {
-            fillBody(el.querySelector(".body"), reply);
+            messageView.fillBody(el.querySelector(".body"), reply);
             ui.chatView.scrollTop = ui.chatView.scrollHeight;
           }
         });
@@ -444,7 +342,7 @@
       ui.doc.readOnly = streaming;  // the continuation is being written into it
       if (!streaming) ui.doc.value = conv.document;
     } else {
-      renderMessages(conv);
+      messageView.render(conv);
     }
     document.body.classList.toggle("completion", completion);
     const s = conv.lastStats;
