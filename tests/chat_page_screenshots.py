@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import gemmarun
-from gemmarun.engine import Engine
+from gemmarun.generation.engine import Engine
 from gemmarun.server import Server
 
 sys.path.insert(0, str(Path(__file__).parent))

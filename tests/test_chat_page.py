@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 import gemmarun
-from gemmarun.engine import Engine, Request, wait_idle
-from gemmarun.sampling import SamplingParams
+from gemmarun.generation.engine import Engine, Request, wait_idle
+from gemmarun.generation.sampling import SamplingParams
 from gemmarun.server import Server
 from gemmarun.server.app import STATIC
 import browser
