@@ -1,4 +1,5 @@
-"""The HTTP routes over the engine: /v1/models, /v1/completions, /v1/chat/completions, /health; `serve`."""
+"""The HTTP routes over the engine: /v1/models, /v1/completions, /v1/chat/completions, /health, the chat
+page at / (static files from ./static); `serve`."""
 from __future__ import annotations
 
 import asyncio
@@ -7,13 +8,24 @@ import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
 from ..errors import ContextLengthError, InvalidParameterError
 from .requests import Parsed, json_body, parse_chat, parse_completion
 from .responses import APIError, ResponseWriter, engine_failure
+
+
+STATIC = Path(__file__).parent / "static"
+# The page loads only its own files and talks only to this server; model text can never run as script.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",  # revalidate, so a new version's page is not mixed with old scripts
+}  # fmt: skip
 
 
 def model_id_for(source: str) -> str:
@@ -105,12 +117,21 @@ class Server:
             parsed = parse_chat(await json_body(request), server.tokenizer, server.model_id, server.engine.context)
             return await server.respond(request, parsed, chat=True)
 
+        # The chat page: open like /health (it asks for the API key itself and sends it to /v1).
+        @app.get("/", include_in_schema=False)
+        async def page():
+            return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
         app.include_router(v1)
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
         return app
 
     def model_card(self) -> dict:
+        """OpenAI's model object plus what the chat page needs: tokens per row, and whether the
+        checkpoint ships a chat template (instruction-tuned models do; pretrained ones often not)."""
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "gemmarun",
-                "context_length": self.engine.context}  # fmt: skip
+                "context_length": self.engine.context,
+                "chat_template": bool(getattr(self.tokenizer, "chat_template", None))}  # fmt: skip
 
     async def respond(self, request: HTTPRequest, parsed: Parsed, chat: bool):
         loop = asyncio.get_running_loop()
