@@ -31,7 +31,7 @@ def _gemmarun_paths(monkeypatch):
     monkeypatch.setenv("GEMMARUN_PREFILL", "kernel")  # subprocesses (the CLI) inherit it
     prefill.reset()
     yield
-    monkeypatch.delenv("GEMMARUN_PREFILL")
+    monkeypatch.delenv("GEMMARUN_PREFILL", raising=False)
     prefill.reset()
 
 
