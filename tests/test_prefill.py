@@ -98,11 +98,9 @@ def test_linears_take_the_forced_path_layer_by_layer(force, path):
         assert torch.equal(got[0], matmul(x[0], layer.packed))
 
 
-def test_dense_bf16_paths(force):
+def test_dense_bf16_paths(force, model_pair):
     x, w = torch.randn(3, 20, 96).bfloat16(), torch.randn(130, 96).bfloat16()
-    from gemmarun.model import Linear
-
-    lin = Linear(96, 130, bias=False)
+    lin = gemmarun.load(model_pair[1], dtype=torch.bfloat16).model.model.layers[0].mlp.up_proj  # the model's Linear
     lin.weight.data = w
     ref = x.double() @ w.double().T
     for path, want in [("torch-bf16", F.linear(x, w)), ("kernel", upcast_linear(x, w)), ("torch-fp32", upcast_linear(x, w))]:
