@@ -16,12 +16,23 @@ import gemmarun
 from gemmarun.tools.bench import _current_layout, _llama_quantize
 from gemmarun.model.cache import KVCache
 from gemmarun.kernels import int4_search_kernel, qlinear_kernel
-from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, pack_q6,
+from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, pack_q6, prefill,
                             quantize_int4, quantize_int6, quantize_int8, unpack_nibbles, unpack_q6)
 from gemmarun.weights.gguf import GGUFTensor
 from gemmarun.weights.gguf.relay import repack
 from gemmarun.quant.calibrate import importance
 from checkpoints import make_reference, save_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _gemmarun_paths(monkeypatch):
+    """These tests hold the kernel and gemmarun's float32 tiles to their bounds on any machine; the
+    PyTorch paths a CPU may choose for prefill, and the choice, are test_prefill.py's."""
+    monkeypatch.setenv("GEMMARUN_PREFILL", "kernel")  # subprocesses (the CLI) inherit it
+    prefill.reset()
+    yield
+    monkeypatch.delenv("GEMMARUN_PREFILL", raising=False)
+    prefill.reset()
 
 
 def _reference(x, p):

@@ -53,6 +53,25 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (x86 `model name`, ARM `Model` or `CPU part`), else platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "CPU part") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_key() -> str:
+    """What a measurement of this CPU's speed depends on: its model, feature flags, torch's version and
+    threads, and the kernel variant in use (quant/prefill.py keys its calibration by it)."""
+    flags = " ".join(sorted(_cpu_flags() or ()))
+    return f"{cpu_model()} | {flags} | torch {torch.__version__} | threads {torch.get_num_threads()} | kernels {variant()}"
+
+
 @lru_cache(maxsize=1)
 def available() -> tuple[str, ...]:
     """The variants this CPU can run, best first (always ending with generic)."""

@@ -15,6 +15,8 @@ from .backend import TORCH_OPS, Backend
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
 from ..kernels import attention_kernel, decode_stack_module, geglu_kernel, rms_norm_kernel
+from ..quant.gemm import run_dense
+from ..quant.prefill import path as prefill_path
 
 
 class RMSNorm(nn.Module):
@@ -37,25 +39,10 @@ class Linear(nn.Linear):
         pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= UPCAST_ROWS * x.shape[-1]:
-            return upcast_linear(x, self.weight)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # bfloat16's own GEMM, or float32 tiles where this CPU has no native bf16 GEMM (quant/prefill.py times both)
+            return run_dense(prefill_path("bf16", x.numel() // x.shape[-1], False), x, self.weight)
         return F.linear(x, self.weight)
-
-
-# PyTorch's bf16 matrix-matrix product on a CPU without native bf16 runs near 20 GFLOP/s, its
-# float32 GEMM near 100: from this many rows, bf16 weights are widened a tile at a time instead.
-UPCAST_ROWS = 16
-UPCAST_TILE = 1024  # output rows widened at a time: 36 MB of float32 scratch for 9216 inputs
-
-
-def upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T for bf16 x and w via float32 tiles, rounded back to bf16 (float32 accumulation, as
-    the bf16 kernels do)."""
-    x32 = x.float()
-    out = torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
-    for r in range(0, w.shape[0], UPCAST_TILE):
-        out[..., r : r + UPCAST_TILE] = F.linear(x32, w[r : r + UPCAST_TILE].float())
-    return out
 
 
 class Rope:

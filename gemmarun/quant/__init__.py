@@ -2,7 +2,8 @@
 
 format.py: the packed storage (Packed), shared with GGUF blocks kept packed; schemes.py: weights ->
 Packed and which matrix gets which scheme; modules.py: QuantLinear / QuantEmbedding and the matmul
-that runs them; checkpoint.py: saved quantised checkpoints.
+that runs them; prefill.py: which GEMM a prefill chunk takes (the kernel or PyTorch's, timed on
+this machine); gemm.py: PyTorch's paths; checkpoint.py: saved quantised checkpoints.
 
 Every name below is importable from gemmarun.quant. A submodule loads when one of its names is first
 used, so `import gemmarun` (whose model needs only modules.py and format.py) does not load the
@@ -11,13 +12,13 @@ schemes and checkpoint code: one module costs about a millisecond to import.
 from importlib import import_module
 
 _WHERE = {
-    **dict.fromkeys(("HIGH_BITS", "Packed", "dequantize", "kernel_fits", "pack_nibbles", "pack_q6", "unpack_nibbles",
-                     "unpack_q6"), "format"),
+    **dict.fromkeys(("HIGH_BITS", "Packed", "dequantize", "kernel_fits", "pack_nibbles", "pack_q6", "q6_from_canonical",
+                     "q6_to_canonical", "unpack_nibbles", "unpack_q6"), "format"),
     **dict.fromkeys(("SCHEMES", "int4_search", "is_quantizable", "quantize_int4", "quantize_int6", "quantize_int8",
                      "quantize_weight", "scheme_for"), "schemes"),
     **dict.fromkeys(("DENSE_TILE", "KERNEL_MAX_ROWS", "QuantEmbedding", "QuantLinear", "install", "linears", "matmul",
                      "on_kernel", "packed_bytes"), "modules"),
-    **dict.fromkeys(("METADATA_KEY", "quantized_state", "regroup", "save_quantized"), "checkpoint"),
+    **dict.fromkeys(("FORMAT_VERSION", "METADATA_KEY", "quantized_state", "regroup", "save_quantized"), "checkpoint"),
 }  # fmt: skip
 
 __all__ = list(_WHERE)

@@ -4,8 +4,16 @@ One storage format serves our own quantisation and GGUF blocks kept packed:
     w[n, k] = scale[n, g] * (q[n, k] - zero) + min[n, g],  g = k // group
 q8: int8 q (N, K). q4: 4-bit q packed 16 bytes per 32 values, value j in the low nibble of byte j
 and value j + 16 in its high nibble (ggml's Q4_0 order). q6: signed 6-bit q (-32..31), 24 bytes per
-32 values: the low four bits of q + 32 as q4, then their top two bits in the 64-bit order that
-kernels/qlinear.cpp unpacks (see HIGH_BITS). Scales/mins float16 or float32 (N, K // group).
+32 values: the low four bits of q + 32 as q4, then their top two bits in a 64-bit word. Scales/mins
+float16 or float32 (N, K // group).
+
+The q6 word has two orders. In memory, the kernels' (see HIGH_BITS): AVX2's lane order, which lets
+isa/avx2.h (and avx512.h's AVX2-width loads) take each 64-bit quarter's bits with one shift; the
+generic, NEON and AVX-512 layers look every value's bits up in a 32-entry table (isa/common.h), at
+the same cost for any order, so every variant shares this one. On disk (checkpoint format version
+2, quant/checkpoint.py), the canonical order that no ISA defines: value v's two bits at bits 2v and
+2v + 1 of the little-endian word (byte v // 4). Loading turns the canonical order into the kernels'
+(q6_from_canonical), saving back (q6_to_canonical); version 1 files hold the kernels' order as is.
 """
 from __future__ import annotations
 
@@ -67,25 +75,54 @@ HIGH_BYTE, HIGH_SHIFT = HIGH_BITS // 8, (HIGH_BITS % 8).to(torch.uint8)  # the s
 
 
 def pack_q6(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """(N, K) values -32..31 -> (N, K // 32 * 24) bytes in the q6 layout, `rows` at a time (a
-    256k-row embedding's temporaries would take gigabytes at once)."""
+    """(N, K) values -32..31 -> (N, K // 32 * 24) bytes in the kernels' q6 layout, `rows` at a time
+    (a 256k-row embedding's temporaries would take gigabytes at once)."""
     n, k = q.shape
     out = torch.empty(n, k // 32 * 24, dtype=torch.uint8)
     for r in range(0, n, rows):
         u = ((q[r : r + rows].to(torch.int8).view(torch.uint8) & 63) ^ 32).view(-1, k // 32, 32)  # q + 32: bit 5 flipped
         m = u.shape[0]
         low = pack_nibbles((u & 15).view(m, k)).view(m, k // 32, 16)
-        # HIGH_BITS by slices, not a gather (3x faster at load): value v = 16 lane + 8 h + 2 i + r has
-        # its bits in byte 2 i + (r xor lane), at bit 2 h + 4 (1 - lane).
-        t = (u >> 4).view(m, k // 32, 2, 2, 4, 2)  # (lane, h, i, r)
-        first = (t[:, :, 0, 0] << 4) | (t[:, :, 0, 1] << 6)  # (m, nb, i, r): lane 0 lands in byte 2 i + r
-        second = (t[:, :, 1, 0] | (t[:, :, 1, 1] << 2)).flip(-1)  # lane 1 in byte 2 i + 1 - r
-        out[r : r + m] = torch.cat([low, (first | second).view(m, k // 32, 8)], dim=-1).view(m, k // 32 * 24)
+        out[r : r + m] = torch.cat([low, _kernel_word(u >> 4)], dim=-1).view(m, k // 32 * 24)
+    return out
+
+
+def _kernel_word(top: torch.Tensor) -> torch.Tensor:
+    """(m, blocks, 32) top bits (0..3) -> (m, blocks, 8) bytes of the kernels' word."""
+    m, nb, _ = top.shape
+    # HIGH_BITS by slices, not a gather (3x faster at load): value v = 16 lane + 8 h + 2 i + r has
+    # its bits in byte 2 i + (r xor lane), at bit 2 h + 4 (1 - lane).
+    t = top.view(m, nb, 2, 2, 4, 2)  # (lane, h, i, r)
+    first = (t[:, :, 0, 0] << 4) | (t[:, :, 0, 1] << 6)  # (m, nb, i, r): lane 0 lands in byte 2 i + r
+    second = (t[:, :, 1, 0] | (t[:, :, 1, 1] << 2)).flip(-1)  # lane 1 in byte 2 i + 1 - r
+    return (first | second).view(m, nb, 8)
+
+
+_TWO_BITS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)  # the four values' shifts in a canonical byte
+
+
+def q6_from_canonical(b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """q6 bytes (N, K // 32 * 24) in the canonical (stored) order -> the kernels' order, `rows` at a time."""
+    out = b.clone()
+    for r in range(0, b.shape[0], rows):
+        word = out[r : r + rows].view(-1, b.shape[1] // 24, 24)[:, :, 16:]
+        top = (word.unsqueeze(-1) >> _TWO_BITS) & 3  # (m, nb, 8 bytes, 4 values): value 4 byte + j
+        word.copy_(_kernel_word(top.flatten(2)))
+    return out
+
+
+def q6_to_canonical(b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """q6 bytes in the kernels' order -> the canonical order (what a checkpoint stores)."""
+    out = b.clone()
+    for r in range(0, b.shape[0], rows):
+        word = out[r : r + rows].view(-1, b.shape[1] // 24, 24)[:, :, 16:]
+        top = (word[:, :, HIGH_BYTE] >> HIGH_SHIFT) & 3  # (m, nb, 32)
+        word.copy_((top.view(*top.shape[:2], 8, 4) << _TWO_BITS).sum(-1, dtype=torch.uint8))
     return out
 
 
 def unpack_q6(b: torch.Tensor) -> torch.Tensor:
-    """(N, K // 32 * 24) bytes -> (N, K) int8 values -32..31."""
+    """(N, K // 32 * 24) bytes in the kernels' order -> (N, K) int8 values -32..31."""
     n = b.shape[0]
     blocks = b.reshape(n, -1, 24)
     nb = blocks.shape[1]

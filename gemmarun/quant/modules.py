@@ -1,21 +1,22 @@
 """Quantised layers: QuantLinear / QuantEmbedding holding a Packed matrix, the matmul that runs it
-(the C++ kernel or dequantised tiles), and swapping them into a model."""
+(the C++ kernel, or a PyTorch GEMM on dequantised tiles: quant/prefill.py chooses, quant/gemm.py
+runs), and swapping them into a model."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import qlinear_kernel
+from . import gemm, prefill
 from .format import Packed, dequantize, kernel_fits
 
-
-# Up to this many rows (a whole default prefill chunk) the kernel runs: on a 9216x2304 matrix (2
-# threads) it reaches 75-110 GFLOP/s from 4 rows up, float32 F.linear 54 at 64 rows and 99 at 512
-# before paying for dequantised tiles. A 512-token int8 2B prefill: 16.1 -> 20.5 tok/s and peak
-# RSS 3267 -> 3044 MB against a limit of 256 rows (int4: 15.1 -> 14.1 tok/s, 2624 -> 2292 MB).
+# The kernel takes up to this many rows (a whole default prefill chunk); past it a PyTorch path
+# runs. On a 9216x2304 matrix (2 threads, EPYC) the kernel reaches 75-110 GFLOP/s from 4 rows up,
+# float32 F.linear 54 at 64 rows and 99 at 512 before paying for dequantised tiles. A 512-token
+# int8 2B prefill: 16.1 -> 20.5 tok/s and peak RSS 3267 -> 3044 MB against a limit of 256 rows
+# (int4: 15.1 -> 14.1 tok/s, 2624 -> 2292 MB).
 KERNEL_MAX_ROWS = 512
-DENSE_TILE = 4096  # output rows dequantised at a time on the GEMM path: bounds the scratch memory
+DENSE_TILE = gemm.DENSE_TILE
 
 
 def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
@@ -23,20 +24,22 @@ def matmul(x: torch.Tensor, p: Packed) -> torch.Tensor:
     return _matmul(x, p.q, p.scales, p.mins, p.group, p.zero, p.bits, kernel_fits(p))
 
 
+def _path(rows: int, q, scales, mins, group: int, zero: float, bits: int, fits: bool) -> str:
+    """The path of one call (quant/prefill.py decides), the matrix given as its fields."""
+    kernel = fits and rows <= KERNEL_MAX_ROWS and qlinear_kernel() is not None
+    return prefill.path(prefill.kind_of(bits), rows, kernel, bits == 8 and group == q.shape[1] and mins is None and not zero)
+
+
 def _matmul(x, q, scales, mins, group: int, zero: float, bits: int, fits: bool) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    kernel = qlinear_kernel() if fits and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" else None
-    if kernel is not None:
-        out = kernel(x2, [q], [scales], [mins], [group], [zero], [bits])[0]
+    how = _path(x2.shape[0], q, scales, mins, group, zero, bits, fits) if x2.device.type == "cpu" else "torch-fp32"
+    if how == "kernel":
+        out = qlinear_kernel()(x2, [q], [scales], [mins], [group], [zero], [bits])[0]
     else:
-        p = Packed(q, scales, mins, group, zero, bits)
-        n = q.shape[0]
-        out = torch.empty(x2.shape[0], n, device=x.device)
-        for r in range(0, n, DENSE_TILE):
-            out[:, r : r + DENSE_TILE] = F.linear(x2, dequantize(p, slice(r, r + DENSE_TILE)))
+        out = gemm.run(how, x2, Packed(q, scales, mins, group, zero, bits))
     out = out.view(*shape[:-1], -1)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -44,11 +47,12 @@ def _matmul(x, q, scales, mins, group: int, zero: float, bits: int, fits: bool) 
 def linears(x: torch.Tensor, layers) -> list[torch.Tensor]:
     """x through several linear layers that share it (q, k, v; gate, up).
 
-    When all are quantised and the kernel takes them, one call rounds x once and runs every
+    When all are quantised and the kernel runs them all, one call rounds x once and runs every
     matrix in one parallel region; otherwise each layer runs on its own."""
     kernel = qlinear_kernel()
-    if (kernel is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() > KERNEL_MAX_ROWS * x.shape[-1]
-            or not all(on_kernel(m) for m in layers)):  # fmt: skip
+    rows = x.numel() // x.shape[-1]
+    if (kernel is None or x.dtype != torch.float32 or x.device.type != "cpu" or rows > KERNEL_MAX_ROWS
+            or not all(on_kernel(m) and _path(rows, *m.kernel_args, m.fits) == "kernel" for m in layers)):  # fmt: skip
         return [m(x) for m in layers]
     return kernel(x.contiguous(), *zip(*(m.kernel_args for m in layers)))
 
