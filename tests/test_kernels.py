@@ -184,11 +184,13 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load(tmp_pat
 
 
 def test_bench_header_names_the_cpu_and_the_kernel_variant():
-    from gemmarun.tools.host import cpu_model, describe
+    from gemmarun.kernels import cpu_model
+    from gemmarun.tools.host import describe
 
     line = describe({"gemmarun"})
     assert cpu_model() and cpu_model() in line
     assert f"gemmarun kernels: {kernels.variant() or 'none'}" in line
+    assert "prefill: int8 " in line  # which GEMM runs prefill chunks
     assert "llama.cpp" not in line  # only when llama.cpp is measured
 
 

@@ -3,22 +3,8 @@ with every figure because speed depends on all three."""
 from __future__ import annotations
 
 import importlib.util
-import platform
 import subprocess
 import sys
-from pathlib import Path
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "CPU part") and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def kernel_variant() -> str:
@@ -42,8 +28,12 @@ def llama_cpp_features() -> str | None:
 
 
 def describe(engines: set[str]) -> str:
-    """One markdown line per fact: CPU, gemmarun kernels, and llama.cpp's features when it is measured."""
-    lines = [f"CPU: {cpu_model()}; gemmarun kernels: {kernel_variant()}"]
+    """One markdown line per fact: CPU, gemmarun's kernels and prefill paths, and llama.cpp's features
+    when it is measured."""
+    from ..kernels import cpu_model
+    from ..quant.prefill import describe as prefill
+
+    lines = [f"CPU: {cpu_model()}; gemmarun kernels: {kernel_variant()}; {prefill()}"]
     if "llama.cpp" in engines and (info := llama_cpp_features()) is not None:
         lines.append(f"llama.cpp: {info}")
     return "\n".join(lines)
