@@ -9,6 +9,7 @@ request run alone with LanguageModel.generate, that none was lost, and that the 
 healthy and idle. Last it measures aggregate decode throughput at 1 and at 8 concurrent streams.
 This is a script, not a unit test: speed is measured here, never in tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,6 +94,7 @@ async def run_request(http: httpx.AsyncClient, model: str, req: dict) -> dict:
 async def load_phase(url: str, model: str, plan: list[list[dict]]) -> tuple[list[tuple[dict, dict]], float]:
     limits = httpx.Limits(max_connections=len(plan) + 8, max_keepalive_connections=len(plan) + 8)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as http:
+
         async def client(reqs):
             return [(req, await run_request(http, model, req)) for req in reqs]
 
@@ -104,9 +106,9 @@ async def load_phase(url: str, model: str, plan: list[list[dict]]) -> tuple[list
 async def throughput(url: str, model: str, streams: int, tokens: int) -> float:
     """Aggregate decode tok/s in the steady state: chunks received while every stream was running
     (after the last stream's first token, until the first stream's last), over that time."""
-    body = {"model": model, "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}  # fmt: skip
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=url, timeout=1800) as http:
+
         async def one():
             times = []
             async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -178,17 +180,16 @@ def main() -> int:
         for streams in (1, 8, 1, 8):  # twice each, best kept: other load on the machine only slows runs
             rate = asyncio.run(throughput(url, model, streams, args.throughput_tokens))
             rates[streams] = max(rates.get(streams, 0.0), rate)
-        print(f"decode throughput: 1 stream {rates[1]:.1f} tok/s, 8 streams {rates[8]:.1f} tok/s "
-              f"({rates[8] / rates[1]:.2f}x)")  # fmt: skip
+        print(f"decode throughput: 1 stream {rates[1]:.1f} tok/s, 8 streams {rates[8]:.1f} tok/s ({rates[8] / rates[1]:.2f}x)")
     finally:
         server.terminate()
         server.wait(timeout=60)
 
     # Every completed answer against the same request run alone (the server is gone: no contention).
+    import torch
+
     import gemmarun
     from gemmarun.chat import render_messages
-
-    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)  # the same kernels as the server's: results must be identical
@@ -207,8 +208,7 @@ def main() -> int:
             solo[key] = lm.generate(ids, max_new_tokens=req["max_tokens"])
         ref = solo[key]
         checked += 1
-        usage = {"prompt_tokens": ref.prompt_tokens, "completion_tokens": ref.completion_tokens,
-                 "total_tokens": ref.total_tokens}  # fmt: skip
+        usage = {"prompt_tokens": ref.prompt_tokens, "completion_tokens": ref.completion_tokens, "total_tokens": ref.total_tokens}
         if (res["text"], res["finish_reason"], res["usage"]) != (ref.text, ref.finish_reason, usage):
             mismatches.append((req, res, ref))
     lost = [r for _, r in pairs if r["status"] not in (200, "dropped")]

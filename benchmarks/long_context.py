@@ -7,12 +7,12 @@ Decoding reads every weight and, in every layer, the cached keys and values it a
 Gemma 3 270M's sliding layers see at most 512 of them, its 3 global layers all. gemmarun runs
 twice: with its default float32 cache and with `cache_dtype="float16"`, llama.cpp's default.
 """
+
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
-from pathlib import Path
 
 from gemmarun.tools.bench import measure
 from gemmarun.weights.source import resolve
@@ -32,9 +32,10 @@ def main() -> int:
           "vs llama.cpp (float32 / float16 cache) |")  # fmt: skip
     print("|---|---|---|---|---|")
     for n in lengths:
-        spec = dict(model=str(path), prefill=64, decode=args.decode, decode_after=n, context=n + args.decode + 72,
-                    threads=args.threads)  # fmt: skip
-        rows = [measure("gemmarun", dict(spec, label="as stored")), measure("gemmarun", dict(spec, label="as stored", cache_dtype="float16")),
+        spec = dict(model=str(path), prefill=64, decode=args.decode, decode_after=n, context=n + args.decode + 72, threads=args.threads)
+        rows = [
+            measure("gemmarun", dict(spec, label="as stored")),
+            measure("gemmarun", dict(spec, label="as stored", cache_dtype="float16")),
                 measure("llama.cpp", dict(spec, label=path.name))]  # fmt: skip
         cells = [f"{m.decode_tok_s:.2f}" if not isinstance(m, str) else f"- ({m})" for m in rows]
         theirs = rows[-1]

@@ -8,6 +8,7 @@
 2. Logit error of int8 / int4 against float32 on the gemma-2-2b shape (random weights; made by
    `gemmarun bench --shape gemma-2-2b` or benchmarks/speed.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ from pathlib import Path
 import torch
 
 import gemmarun
-from gemmarun.weights.source import cache_dir
 from gemmarun.evaluate.perplexity import perplexity
+from gemmarun.weights.source import cache_dir
 
 
 def main() -> int:

@@ -7,6 +7,7 @@ without it those rows are skipped. The 2B checkpoint and its GGUF copies (F16, Q
 by gguf-py; Q4_0 as llama.cpp's own quantizer makes it from the F16 file) are made once and cached
 under ~/.cache/gemmarun/bench (about 16 GB).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,5 @@
 """gemmarun: a fast, exact runtime for Gemma 2 and Gemma 3 text models."""
-from .model.config import PRESETS, GemmaConfig
+
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -11,6 +11,7 @@ from .errors import (
 from .generation.sampling import SamplingParams
 from .generation.sequence import GenerationResult
 from .lm import LanguageModel, TextGenerationPipeline, load, pipeline
+from .model.config import PRESETS, GemmaConfig
 
 __version__ = "0.1.0"
 

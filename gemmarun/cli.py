@@ -1,4 +1,5 @@
 """The `gemmarun` command."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,14 +8,12 @@ import warnings
 
 from .errors import GemmarunError
 
-
 DTYPES = ["auto", "float32", "bfloat16", "float16"]  # --dtype and --cache-dtype
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="checkpoint folder, .gguf file or Hugging Face repo id (default: Gemma 3 270M)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="activation dtype (auto: float32 on CPU, bfloat16 on GPU)")  # fmt: skip
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="activation dtype (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--context", type=int, help="context length to allocate (default: the model's)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -102,7 +101,7 @@ def cmd_serve(args) -> int:
     from .server import serve
 
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach it can use it")
+        warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach it can use it", stacklevel=2)
     serve(_load(args), host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_waiting=args.max_waiting, model_id=args.served_model_name, context=args.context)  # fmt: skip
     return 0
@@ -146,8 +145,7 @@ def cmd_bench(args) -> int:
         raise GemmarunError(f"unknown engine(s) {', '.join(sorted(unknown))}; choose from gemmarun, transformers, llama.cpp")
     title = args.shape or args.model or "default model"
     try:
-        print(report(title, args.shape, args.model, engines, args.threads, args.prefill, args.decode, args.compile,
-                     args.cache_dtype))  # fmt: skip
+        print(report(title, args.shape, args.model, engines, args.threads, args.prefill, args.decode, args.compile, args.cache_dtype))
     except ValueError as e:
         raise GemmarunError(str(e)) from None
     return 0
@@ -173,8 +171,7 @@ def cmd_eval(args) -> int:
     lm = _load(args)
     results = []
     for task in tasks:
-        results.append(evaluate(lm, task, shots=args.shots, limit=args.limit, data=args.data, seed=args.seed,
-                                progress=not args.quiet))  # fmt: skip
+        results.append(evaluate(lm, task, shots=args.shots, limit=args.limit, data=args.data, seed=args.seed, progress=not args.quiet))
         print(markdown(results[-1:]), flush=True)
     if len(results) > 1:
         print("\n" + markdown(results))
@@ -186,8 +183,8 @@ def cmd_eval(args) -> int:
 def cmd_perplexity(args) -> int:
     from pathlib import Path
 
-    from .evaluate.report import Progress
     from .evaluate.perplexity import perplexity, window_count
+    from .evaluate.report import Progress
 
     path = Path(args.file)
     if not path.is_file():

@@ -1,8 +1,9 @@
 """The public Python API: load(), LanguageModel.generate/stream/logits, and pipeline()."""
+
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

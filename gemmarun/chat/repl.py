@@ -1,4 +1,5 @@
 """`gemmarun chat`: the interactive loop over a ChatSession."""
+
 from __future__ import annotations
 
 import sys
@@ -7,12 +8,10 @@ from typing import TextIO
 from ..errors import ContextLengthError
 from .session import ChatSession
 
-
 HELP = "commands: /reset (forget the conversation), /quit (or end of input)"
 
 
-def run_repl(lm, session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
-             stderr: TextIO = sys.stderr) -> int:  # fmt: skip
+def run_repl(lm, session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
     """Interactive chat on a terminal; with piped input, each line is one user message."""
     interactive = stdin.isatty()
     if interactive:

@@ -1,14 +1,15 @@
 """A conversation that keeps its KV cache across turns, fed through the generation core."""
+
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-from ..model.cache import KVCache
 from ..errors import ContextLengthError, InvalidParameterError
 from ..generation import core
 from ..generation.sampling import SamplingParams, sample_one
+from ..model.cache import KVCache
 from .template import render_messages
 
 

@@ -3,6 +3,7 @@
 Gemma has no system role: a system message becomes a prefix of the first user turn; the assistant
 speaks as `model`; replies end with `<end_of_turn>` (or `<eos>`).
 """
+
 from __future__ import annotations
 
 from ..errors import GemmarunError, InvalidParameterError

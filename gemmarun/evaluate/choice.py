@@ -3,13 +3,14 @@
 Prompts follow lm-evaluation-harness's templates for the same datasets (the model cards do not
 publish theirs), so scores are comparable with that harness.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import Dataset, DataNotFoundError, find_split, read_records
+from .data import DataNotFoundError, Dataset, find_split, read_records
 from .task import ChoiceTask, Loaded
 
 LETTERS = "ABCDEFGHIJ"

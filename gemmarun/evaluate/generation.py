@@ -1,12 +1,13 @@
 """Benchmarks answered by greedy generation: open QA, reading comprehension, math, BIG-Bench Hard."""
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import metrics
 from ..errors import InvalidParameterError
+from . import metrics
 from .data import DataNotFoundError, read_records
 from .task import GenerationTask, Loaded
 
@@ -170,7 +171,9 @@ class BBH(GenerationTask):
         root = Path(data)
         docs, counts = [], {}
         for name in BBH_TASKS:
-            task_file = next((p for p in (root / "bbh" / f"{name}.json", root / f"{name}.json", root / f"{name}.jsonl") if p.is_file()), None)
+            task_file = next(
+                (p for p in (root / "bbh" / f"{name}.json", root / f"{name}.json", root / f"{name}.jsonl") if p.is_file()), None
+            )
             cot_file = next((p for p in (root / "cot-prompts" / f"{name}.txt", root / f"{name}.txt") if p.is_file()), None)
             if task_file is None:
                 continue

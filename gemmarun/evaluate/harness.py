@@ -10,6 +10,7 @@ The three request kinds map onto gemmarun's Scorer: `loglikelihood` to its batch
 class subclasses its `LM` when it is installed and otherwise works on any request object with
 lm-eval's `.args` tuple.
 """
+
 from __future__ import annotations
 
 from .scorer import Request, Scorer

@@ -6,6 +6,7 @@
 - GSM8K answer extraction (`#### 42`, and the last number as lm-evaluation-harness's flexible filter);
 - MATH answer extraction and normalisation as in Minerva (Lewkowycz et al., 2022, appendix D.1).
 """
+
 from __future__ import annotations
 
 import itertools

@@ -5,6 +5,7 @@ The text is tokenised once. Windows of up to `window` tokens (BOS first, then te
 token is scored once, with at least `window - 1 - stride` tokens of context after the first
 window.
 """
+
 from __future__ import annotations
 
 import math

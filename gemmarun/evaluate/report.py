@@ -1,4 +1,5 @@
 """Progress bar, results as a markdown table and as JSON."""
+
 from __future__ import annotations
 
 import json

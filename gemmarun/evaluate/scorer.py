@@ -6,16 +6,17 @@ that share a prefix (the few-shot block of a task, the passage of a question) re
 for that prefix: the prefix runs once, its cache is copied per item, and the lm-head is computed
 only at the positions that are scored.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
-from ..model.cache import KVCache
 from ..generation import core
 from ..generation.sampling import SamplingParams
+from ..model.cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,7 @@ class Scorer:
         pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
         return self.loglikelihood_ids(pairs, progress)
 
-    def loglikelihood_ids(
-        self, pairs: Sequence[tuple[list[int], list[int]]], progress: Progress | None = None
-    ) -> list[LogLikelihood]:
+    def loglikelihood_ids(self, pairs: Sequence[tuple[list[int], list[int]]], progress: Progress | None = None) -> list[LogLikelihood]:
         """Like loglikelihood() on token ids; each context must start with BOS."""
         limit = self.lm.context
         fitted = []
@@ -195,9 +194,7 @@ class Scorer:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def generate(
-        self, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int, progress: Progress | None = None
-    ) -> list[str]:
+    def generate(self, prompts: Sequence[str], stop: Sequence[str], max_new_tokens: int, progress: Progress | None = None) -> list[str]:
         """Greedy continuations through the Generator, in batches of similar length."""
         keep = self.lm.context - max_new_tokens  # prompt tokens that leave room for the answer
         if keep < 2:
@@ -215,4 +212,3 @@ class Scorer:
             if progress:
                 progress(len(batch))
         return out
-

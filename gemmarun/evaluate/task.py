@@ -5,14 +5,15 @@ A task turns public records into prompts; three kinds cover the model card's ben
 - GenerationTask: greedy decoding with the task's stop sequences, then answer scoring;
 - code tasks (code.py): a GenerationTask whose answers are programs run by execution.py.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .data import Dataset, DataNotFoundError, Split, find_sibling_split, find_split, where_to_get
+from .data import DataNotFoundError, Dataset, Split, find_sibling_split, find_split, where_to_get
 from .scorer import Request, Scorer
 
 

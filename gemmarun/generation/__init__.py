@@ -3,6 +3,7 @@ KVCache), the static-batch Generator and the continuous-batching Engine.
 
     from gemmarun.generation import Engine, Generator, SamplingParams
 """
+
 from .generator import Generator
 from .sampling import SamplingParams
 from .sequence import GenerationResult, SequenceState, TextEvent

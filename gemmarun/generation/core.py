@@ -12,9 +12,10 @@ and the lm-head selection exist once:
 - score: the logits of every position, chunk by chunk, and token_logprobs of given tokens;
 - check_prompt: a prompt against the context.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -54,9 +55,7 @@ def check_prompt(n: int, context: int, limit: int, room: int = 1) -> None:
         have = f"the prompt has {n} tokens but the context holds {context}"
         if room == 0:
             have = f"{n} tokens do not fit the context of {context}"
-        raise ContextLengthError(
-            f"{have}; shorten the prompt or load with a larger context (the model allows {limit})"
-        )
+        raise ContextLengthError(f"{have}; shorten the prompt or load with a larger context (the model allows {limit})")
 
 
 def pad_rows(rows: Sequence[Sequence[int]], starts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,8 +81,7 @@ def forward(model, cache, rows: Sequence[Sequence[int]], starts: Sequence[int], 
     return step(tokens.to(dev), positions.to(dev), cache, select=select.to(dev))
 
 
-def prefill(model, cache, rows: Sequence[Sequence[int]], starts: Sequence[int] | None = None,
-            chunk: int | None = None) -> torch.Tensor:  # fmt: skip
+def prefill(model, cache, rows: Sequence[Sequence[int]], starts: Sequence[int] | None = None, chunk: int | None = None) -> torch.Tensor:
     """Feed every row's tokens (row i from position starts[i], 0 by default), `chunk` tokens of
     each per forward (prefill_chunk_for by default); float32 logits (B, V) after each row's last
     token. Rows of different lengths share the forwards; a row already done idles as padding."""

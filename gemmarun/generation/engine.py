@@ -14,10 +14,11 @@ the context manager) until close():
     with Engine(gemmarun.load(path), max_batch=8) as engine:
         results = engine.generate(["Hello", "Once upon a time"], SamplingParams(max_new_tokens=32))
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -37,8 +38,7 @@ class Engine:
     lock); the engine's thread alone runs the model and writes the runner's state. `steps` and
     `tokens` are written under the scheduler's lock."""
 
-    def __init__(self, lm, max_batch: int = 8, max_waiting: int = 64, context: int | None = None,
-                 prefill_chunk: int | None = None):  # fmt: skip
+    def __init__(self, lm, max_batch: int = 8, max_waiting: int = 64, context: int | None = None, prefill_chunk: int | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidParameterError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(max_waiting, int) or max_waiting < 0:
@@ -58,7 +58,7 @@ class Engine:
 
     # -- the caller's side -----------------------------------------------------------------------
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         """Start the engine's thread (once); entering the context manager does it too."""
         with self._lock:
             if self.scheduler.closed:
@@ -125,7 +125,7 @@ class Engine:
         elif threading.current_thread() is not thread:
             thread.join()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -6,11 +6,12 @@ while the engine decodes over a view of its occupied rows whose size changes as 
 go (a recompile each time); and a batch job here needs no scheduler thread. Prefill, decoding
 steps and the context check are the core's (generation/core.py), as for the engine.
 """
+
 from __future__ import annotations
 
 import sys
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -101,6 +102,8 @@ class Generator:
             try:
                 return self._compiled(tokens, positions, cache, select=select)
             except Exception as e:  # inductor raises its own types; the eager step below re-raises real errors
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); decoding without it")
+                warnings.warn(
+                    f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); decoding without it", stacklevel=2
+                )
                 self._compiled = False
         return self.model(tokens, positions, cache, select=select)

@@ -6,6 +6,7 @@ the oldest new prompt, plus those of other new prompts that fit beside it), so r
 moving while a long prompt is read, then one decoding forward over every row that has a token to
 feed, each row at its own position.
 """
+
 from __future__ import annotations
 
 import torch

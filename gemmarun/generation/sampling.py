@@ -1,4 +1,5 @@
 """SamplingParams and sample(): turning one row of logits into one token id."""
+
 from __future__ import annotations
 
 import math
@@ -137,9 +138,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs if ids is None else torch.zeros_like(logits).scatter_(-1, ids, probs)
 
 
-def sample_one(
-    logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen, gen: torch.Generator | None
-) -> int:
+def sample_one(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen, gen: torch.Generator | None) -> int:
     """One token id from one row of float32 logits (V,); `seen` lists the ids generated so far."""
     if params.has_penalties:
         logits = apply_penalties(logits, params, prompt, torch.as_tensor(seen, dtype=torch.long))

@@ -11,14 +11,15 @@ A Slot's other fields (the runner's progress through the prompt) are the engine 
 Waiting is on the condition (submitters for room, the engine thread for work, wait_idle for
 quiet), never on a polling timer.
 """
+
 from __future__ import annotations
 
 import itertools
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -76,7 +77,7 @@ class Handle:
 
     _ids = itertools.count()
 
-    def __init__(self, scheduler: "Scheduler", request: Request, seq: SequenceState, sink: Sink | None):
+    def __init__(self, scheduler: Scheduler, request: Request, seq: SequenceState, sink: Sink | None):
         self.id = next(self._ids)
         self.scheduler = scheduler
         self.request = request

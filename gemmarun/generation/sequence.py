@@ -1,8 +1,9 @@
 """Per-sequence state shared by every decoder: sampled ids, visible text, stop handling, results."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -96,8 +97,7 @@ class SequenceState:
         )
 
 
-def new_sequence(model, tokenizer, context: int, prompt: Sequence[int], params: SamplingParams,
-                 seed_offset: int = 0) -> SequenceState:  # fmt: skip
+def new_sequence(model, tokenizer, context: int, prompt: Sequence[int], params: SamplingParams, seed_offset: int = 0) -> SequenceState:
     """Checked state for one prompt against `context`; the engine gives each of a request's n
     choices its own seed_offset."""
     core.check_prompt(len(prompt), context, model.config.max_position_embeddings)

@@ -8,6 +8,7 @@ GEMMARUN_KERNELS=generic|avx2|avx512|neon forces one, and a name that is unknown
 cannot run raises gemmarun.errors.ConfigError (a forced choice that silently fell back would
 measure or test something else than asked). GEMMARUN_NO_KERNELS=1 keeps the portable PyTorch path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ import platform
 import sys
 import warnings
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -139,7 +140,7 @@ def _build_lock(build: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@lru_cache(maxsize=None)
+@cache
 def module(name: str):
     """The compiled extension of one variant (built on first use), or None if it cannot be built.
     Any variant this CPU runs can be loaded next to the one in use (the tests compare them)."""
@@ -161,7 +162,9 @@ def module(name: str):
                 verbose=False,
             )
     except Exception as e:  # no compiler or headers: the portable path computes the same products in float32
-        warnings.warn(f"the {name} kernels could not be built ({type(e).__name__}: {str(e)[:200]}); using the slower portable path")
+        warnings.warn(
+            f"the {name} kernels could not be built ({type(e).__name__}: {str(e)[:200]}); using the slower portable path", stacklevel=2
+        )
         return None
 
 

@@ -7,10 +7,12 @@ the math once and never asks which machine it runs on. The model chooses its bac
 run after loading or moving (Gemma.ops). The kernel entries are looked up at that moment, never
 while torch.compile traces (it cannot trace into the extension; the PyTorch ops compile).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -5,6 +5,7 @@ mask is computed from positions alone: exact past the window and for batch rows 
 different positions. Each buffer has one extra "trash" slot at the end where padding tokens
 are written, so a batched write never needs a per-row branch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,7 @@ class AttnPlan:
 class KVCache:
     """Per-layer K/V buffers of shape (B, Hkv, S + 1, D), S = context (global) or window (sliding)."""
 
-    def __init__(self, config: GemmaConfig, batch_size: int, context: int, dtype: torch.dtype, device="cpu",
-                 static: bool = False):  # fmt: skip
+    def __init__(self, config: GemmaConfig, batch_size: int, context: int, dtype: torch.dtype, device="cpu", static: bool = False):
         self.config = config
         # static: decoding steps attend over whole buffers, so no shape depends on the positions and
         # torch.compile traces one graph per (batch, context); see plan_static.
@@ -49,11 +49,11 @@ class KVCache:
         self.filled = 0  # 1 + the highest position written so far (global slots are positions)
 
     @classmethod
-    def for_model(cls, model, batch_size: int, context: int, static: bool = False) -> "KVCache":
+    def for_model(cls, model, batch_size: int, context: int, static: bool = False) -> KVCache:
         """A cache for `model` (a Gemma): its config, device and cache_dtype."""
         return cls(model.config, batch_size, context, model.cache_dtype, model.device, static=static)
 
-    def repeat(self, batch: int) -> "KVCache":
+    def repeat(self, batch: int) -> KVCache:
         """A new cache of `batch` rows, each a copy of this cache's single row (the eval scorer's
         shared prefixes)."""
         dst = KVCache(self.config, batch, self.context, self.k[0].dtype, self.k[0].device)
@@ -74,7 +74,7 @@ class KVCache:
         if rows is None:
             self.filled = 0
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         """A cache over batch rows [start, stop) that shares this one's buffers (writes land here).
 
         The engine prefills one row, or decodes the occupied rows only, without paying for the

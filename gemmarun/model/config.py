@@ -1,4 +1,5 @@
 """GemmaConfig: one frozen dataclass for Gemma 2 and Gemma 3 text, read from config.json or GGUF."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,9 +46,7 @@ class GemmaConfig:
 
     def __post_init__(self):
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ConfigError(
-                f"config has {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers; fix config.json"
-            )
+            raise ConfigError(f"config has {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers; fix config.json")
         bad = set(self.layer_types) - {SLIDING, GLOBAL}
         if bad:
             raise ConfigError(f"unsupported layer type(s) {sorted(bad)}; expected {SLIDING!r} or {GLOBAL!r}")
@@ -68,11 +67,11 @@ class GemmaConfig:
         block = attn + 3 * h * i + 4 * h + (2 * d if self.qk_norm else 0)
         return self.vocab_size * h + self.num_hidden_layers * block + h
 
-    def replace(self, **changes) -> "GemmaConfig":
+    def replace(self, **changes) -> GemmaConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf(cls, raw: dict) -> "GemmaConfig":
+    def from_hf(cls, raw: dict) -> GemmaConfig:
         """Build from a Hugging Face config.json dict (old and v5 layouts)."""
         model_type = raw.get("model_type")
         if model_type == "gemma3" and "text_config" in raw:
@@ -80,9 +79,7 @@ class GemmaConfig:
             text.setdefault("model_type", "gemma3_text")
             return cls.from_hf(text)
         if model_type not in GEMMA2_TYPES + GEMMA3_TYPES:
-            raise ConfigError(
-                f"unsupported model_type {model_type!r}; gemmarun runs gemma2 and gemma3_text checkpoints"
-            )
+            raise ConfigError(f"unsupported model_type {model_type!r}; gemmarun runs gemma2 and gemma3_text checkpoints")
         gemma2 = model_type == "gemma2"
         try:
             n_layers = int(raw["num_hidden_layers"])
@@ -132,7 +129,7 @@ class GemmaConfig:
             raise ConfigError(f"config.json has a malformed field: {e}") from None
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "GemmaConfig":
+    def from_json_file(cls, path: str | Path) -> GemmaConfig:
         path = Path(path)
         try:
             raw = json.loads(path.read_text())

@@ -3,6 +3,7 @@
 Module names follow the Hugging Face checkpoints, so a safetensors state dict loads as is.
 Every Gemma numeric quirk is written where it happens, with its reason (docs/ARCHITECTURE.md, "Gemma's numeric pitfalls").
 """
+
 from __future__ import annotations
 
 import math
@@ -11,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import TORCH_OPS, Backend
-from .cache import AttnPlan, KVCache, plan_without_cache
-from .config import GemmaConfig
 from ..kernels import attention_kernel, decode_stack_module, geglu_kernel, rms_norm_kernel
 from ..quant.gemm import run_dense
 from ..quant.prefill import path as prefill_path
+from .backend import TORCH_OPS, Backend
+from .cache import AttnPlan, KVCache, plan_without_cache
+from .config import GemmaConfig
 
 
 class RMSNorm(nn.Module):
@@ -83,7 +84,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
         # Gemma scales by query_pre_attn_scalar**-0.5, not head_dim**-0.5 (they differ on 27B: 144).
-        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.scale = config.query_pre_attn_scalar**-0.5
         self.softcap = config.attn_logit_softcapping
 
     def forward(self, x, cos, sin, plan: AttnPlan, cache: KVCache | None, ops: Backend):
@@ -246,8 +247,19 @@ class Gemma(nn.Module):
         stack = not torch.compiler.is_compiling() and t == 1 and cache is not None and not plans["sliding"].concat
         if stack and self.decode_stack():
             g, s = plans["global"], plans["sliding"]
-            x = self._stack.forward(x.view(b, -1), cache.k, cache.v, cos_g.view(b, -1), sin_g.view(b, -1), g.slots.view(b),
-                                    g.mask.view(b, -1), cos_l.view(b, -1), sin_l.view(b, -1), s.slots.view(b), s.mask.view(b, -1))
+            x = self._stack.forward(
+                x.view(b, -1),
+                cache.k,
+                cache.v,
+                cos_g.view(b, -1),
+                sin_g.view(b, -1),
+                g.slots.view(b),
+                g.mask.view(b, -1),
+                cos_l.view(b, -1),
+                sin_l.view(b, -1),
+                s.slots.view(b),
+                s.mask.view(b, -1),
+            )
             x = x.view(b, 1, -1)
         else:
             ops = self.ops

@@ -9,6 +9,7 @@ Every name below is importable from gemmarun.quant. A submodule loads when one o
 used, so `import gemmarun` (whose model needs only modules.py and format.py) does not load the
 schemes and checkpoint code: one module costs about a millisecond to import.
 """
+
 from importlib import import_module
 
 _WHERE = {

@@ -5,6 +5,7 @@ input of its column, so columns that carry energy are kept most exactly (llama.c
 matrix"). On the real Gemma 3 270M, int4 g32 perplexity: +24% with min/max rounding, +12% with the
 weighted search alone, +6% with importances from 2048 calibration tokens (benchmarks/quality.py).
 """
+
 from __future__ import annotations
 
 import torch

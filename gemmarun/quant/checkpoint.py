@@ -1,5 +1,8 @@
 """Saved quantised checkpoints (`gemmarun quantize`): writing them and regrouping their tensors at load."""
+
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,11 +71,10 @@ def regroup(tensors, schemes: dict[str, dict]):
         raise CheckpointError(f"quantised tensors of {', '.join(sorted(parts))} are incomplete; re-run gemmarun quantize")
 
 
-def save_quantized(lm, folder) -> "Path":
+def save_quantized(lm, folder) -> Path:
     """Write a quantised model as a checkpoint folder: config.json, tokenizer files, model.safetensors."""
     import json
     import shutil
-    from pathlib import Path
 
     from safetensors.torch import save_file
 

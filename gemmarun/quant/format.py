@@ -15,6 +15,7 @@ the same cost for any order, so every variant shares this one. On disk (checkpoi
 2v + 1 of the little-endian word (byte v // 4). Loading turns the canonical order into the kernels'
 (q6_from_canonical), saving back (q6_to_canonical); version 1 files hold the kernels' order as is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

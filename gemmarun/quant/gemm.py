@@ -13,6 +13,7 @@ Rounding of each path, against the float64 product of x and the dequantised weig
               per value), an exact int32 sum, then one float32 multiply by both scales.
               Bound: s_x / 2 * sum_k |W[n, k]|, plus float32 rounding.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """Quantised layers: QuantLinear / QuantEmbedding holding a Packed matrix, the matmul that runs it
 (the C++ kernel, or a PyTorch GEMM on dequantised tiles: quant/prefill.py chooses, quant/gemm.py
 runs), and swapping them into a model."""
+
 from __future__ import annotations
 
 import torch

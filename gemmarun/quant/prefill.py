@@ -22,6 +22,7 @@ torch-fp32 / torch-bf16 / torch-int8 run where they apply (torch-int8: int8 per-
 a dense bf16 matrix takes torch-fp32 or torch-bf16) and gemmarun's own path elsewhere; `auto`
 (the default) measures.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -95,7 +96,7 @@ class Choice:
         return self.best if rows >= self.rows else self.small
 
 
-@lru_cache(maxsize=None)
+@cache
 def _choice(kind: str, paths: tuple[str, ...]) -> Choice:
     t = timings()
     small = paths[0]
@@ -219,7 +220,7 @@ def _call(kind: str, path: str, rows: int):
     return lambda: gemm.run(path, x, p)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _matrix(kind: str):
     """The timed matrix (SHAPE) of `kind`, random codes and scales: a dense bfloat16 one, int8 per
     channel as the int8 scheme stores it, or 4-bit in the int4 scheme's groups of 32 with float16 scales and mins."""
@@ -230,8 +231,7 @@ def _matrix(kind: str):
     if kind == "bf16":
         return (torch.rand(n, k, generator=g) - 0.5).bfloat16()
     if kind == "q8":
-        return Packed(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, 1, generator=g) / 1e3,
-                      None, k, 0.0, 8)  # fmt: skip
+        return Packed(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, 1, generator=g) / 1e3, None, k, 0.0, 8)
     scales = (torch.rand(n, k // 32, generator=g) / 1e3).half()
     return Packed(pack_nibbles(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)), scales, -8 * scales, 32, 0.0, 4)
 

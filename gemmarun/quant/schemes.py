@@ -1,5 +1,6 @@
 """Quantisation schemes: weights -> Packed (int8 per channel, int6 and int4 in groups), and which
 matrix gets which."""
+
 from __future__ import annotations
 
 import torch
@@ -70,7 +71,7 @@ def int4_search(w: torch.Tensor, importance: torch.Tensor | None, group: int, ro
         best_s, best_m = torch.where(hi > lo, span / 15, 0), lo
 
         def error(s, m, levels):
-            return (wt * (s * levels + m - x).pow(2)).sum(-1, keepdim=True)
+            return (wt * (s * levels + m - x).pow(2)).sum(-1, keepdim=True)  # noqa: B023 (used within this iteration)
 
         best_e = error(best_s, best_m, torch.round((x - lo) / span * 15))
         sw, sx = wt.sum(-1, keepdim=True), (wt * x).sum(-1, keepdim=True)

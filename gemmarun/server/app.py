@@ -1,5 +1,6 @@
 """The HTTP routes over the engine: /v1/models, /v1/completions, /v1/chat/completions, /health, the chat
 page at / (static files from ./static); `serve`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,25 +8,25 @@ import time
 import uuid
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, FastAPI, Request as HTTPRequest
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
 from ..errors import ContextLengthError, InvalidParameterError
+from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
 from .requests import Parsed, json_body, parse_chat, parse_completion
 from .responses import APIError, ResponseWriter, engine_failure
-
 
 STATIC = Path(__file__).parent / "static"
 # The page loads only its own files and talks only to this server; model text can never run as script.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",  # revalidate, so a new version's page is not mixed with old scripts
-}  # fmt: skip
+}
 
 
 def model_id_for(source: str) -> str:
@@ -86,8 +87,7 @@ class Server:
         # request's receive channel, and a non-streaming handler then never sees the client leave.
         async def require_key(request: HTTPRequest):
             if server.api_key and request.headers.get("authorization", "") != f"Bearer {server.api_key}":
-                raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")  # fmt: skip
+                raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
         v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
@@ -139,8 +139,7 @@ class Server:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if parsed.stream:
             body = self.writer.stream(parsed, handles, events, rid, chat)
-            return StreamingResponse(body, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             finals = await self._collect(request, handles, events)
         finally:

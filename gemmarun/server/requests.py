@@ -3,6 +3,7 @@
 Bodies are parsed by hand rather than by pydantic models so that every mistake gets OpenAI's
 error shape, the right status and a message naming the field.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..chat import render_messages
-from ..generation.engine import Request
 from ..errors import InvalidParameterError
+from ..generation.engine import Request
 from ..generation.sampling import SamplingParams
 from .responses import APIError
 
@@ -80,18 +81,15 @@ def _common(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int, b
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
-    _check(isinstance(stop, list) and all(isinstance(s, str) and s for s in stop), "stop",
-           "must be a non-empty string or a list of them")  # fmt: skip
+    _check(isinstance(stop, list) and all(isinstance(s, str) and s for s in stop), "stop", "must be a non-empty string or a list of them")
     _check(len(stop) <= MAX_STOP, "stop", f"may hold at most {MAX_STOP} strings")
     stop_ids = body.get("stop_token_ids") or []
-    _check(isinstance(stop_ids, list) and all(_KINDS["integer"](i) for i in stop_ids), "stop_token_ids",
-           "must be a list of token ids")  # fmt: skip
+    _check(isinstance(stop_ids, list) and all(_KINDS["integer"](i) for i in stop_ids), "stop_token_ids", "must be a list of token ids")
     stream = _get(body, "stream", "boolean", False)
     options = _get(body, "stream_options", "object", {})
     include_usage = _get(options, "include_usage", "boolean", False)
     fmt = _get(body, "response_format", "object", {"type": "text"})
-    _check(fmt.get("type") == "text", "response_format",
-           "type json_object/json_schema is not supported by gemmarun yet; use 'text'")  # fmt: skip
+    _check(fmt.get("type") == "text", "response_format", "type json_object/json_schema is not supported by gemmarun yet; use 'text'")
     for name in ("logit_bias", "tools", "functions", "suffix"):
         _check(not body.get(name), name, "is not supported by gemmarun")
     best_of = _get(body, "best_of", "integer", n)
@@ -127,8 +125,7 @@ def check_model(body: dict, model_id: str) -> None:
     """A request naming a model must name the one served (OpenAI answers 404 otherwise)."""
     model = _get(body, "model", "string")
     if model is not None and model != model_id:
-        raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_id}'",
-                       param="model", code="model_not_found")  # fmt: skip
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_id}'", param="model", code="model_not_found")
 
 
 def parse_completion(body: dict, tokenizer, model_id: str) -> Parsed:
@@ -148,17 +145,15 @@ def parse_completion(body: dict, tokenizer, model_id: str) -> Parsed:
         prompts = [_token_prompt(p, vocab) for p in prompt]
         texts = [tokenizer.decode(p) for p in prompts]
     else:
-        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                            "such lists", param="prompt")  # fmt: skip
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists", param="prompt")
     _check(len(prompts) * n <= MAX_N, "n", f"times the number of prompts must be at most {MAX_N}")
     logprobs = _get(body, "logprobs", "integer")
     _check(logprobs is None or 0 <= logprobs <= MAX_LOGPROBS, "logprobs", f"must be between 0 and {MAX_LOGPROBS}")
     echo = _get(body, "echo", "boolean", False)
     parsed = Parsed(prompts, texts, params, n, stream, include_usage, logprobs, echo)
     parsed.requests = [
-        Request(p, params, logprobs, prompt_logprobs=echo and logprobs is not None, seed_offset=j)
-        for p in prompts for j in range(n)
-    ]  # fmt: skip
+        Request(p, params, logprobs, prompt_logprobs=echo and logprobs is not None, seed_offset=j) for p in prompts for j in range(n)
+    ]
     return parsed
 
 
@@ -197,5 +192,7 @@ async def json_body(request: HTTPRequest) -> dict:
     try:  # a lone surrogate (\ud800) parses but can be neither tokenised nor echoed back as UTF-8
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise APIError(400, "the request body contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text", code="invalid_json") from None
+        raise APIError(
+            400, "the request body contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text", code="invalid_json"
+        ) from None
     return body

@@ -1,4 +1,5 @@
 """OpenAI response shapes: errors, completion and chat bodies, logprobs, and server-sent event streams."""
+
 from __future__ import annotations
 
 import asyncio
@@ -79,13 +80,11 @@ class ResponseWriter:
         def entry(token_id: int, logprob: float) -> dict:
             return {"token": self._token_text(token_id), "logprob": logprob, "bytes": self._token_bytes(token_id)}
 
-        return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
-                            for t in items]}  # fmt: skip
+        return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in items]}
 
     # -- whole responses and streams ---------------------------------------------------------
 
-    def full_response(self, parsed: Parsed, handles: list[Handle], finals: dict[int, list[Event]], rid: str,
-                      chat: bool) -> dict:  # fmt: skip
+    def full_response(self, parsed: Parsed, handles: list[Handle], finals: dict[int, list[Event]], rid: str, chat: bool) -> dict:
         """The whole (non-streamed) body from every choice's events."""
         choices, completion_tokens = [], 0
         for i, evs in finals.items():
@@ -109,8 +108,11 @@ class ResponseWriter:
             "created": int(time.time()),
             "model": self.model_id,
             "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},  # fmt: skip
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
 
     @staticmethod
@@ -137,8 +139,7 @@ class ResponseWriter:
         try:
             for i in range(len(handles)):
                 if chat:
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])  # fmt: skip
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             remaining, completion_tokens = len(handles), 0
             while remaining:
                 i, handle, event = await events.get()

@@ -7,7 +7,8 @@ Two engines do the actual splitting, and each is the reference for its format (b
 ids (splitter.py), BOS exactly once (pitfall 8), Gemma's turn format (pitfall 9, chat_turns.py)
 and a streaming decoder that never splits a character (stream.py).
 """
-from .chat_turns import END_OF_TURN, START_OF_TURN, _chat_turns  # _chat_turns: gemmarun.chat's import
+
+from .chat_turns import END_OF_TURN, START_OF_TURN, _chat_turns  # noqa: F401 (gemmarun.chat's import)
 from .stream import StreamDecoder
 from .tokenizer import Tokenizer
 

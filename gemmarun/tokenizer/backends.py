@@ -51,4 +51,3 @@ class _HFTokenizersEngine:
 
     def piece_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
-

@@ -43,4 +43,3 @@ def _chat_turns(messages: list[dict]) -> list[tuple[str, str]]:
             raise InvalidParameterError("conversation roles must alternate user/assistant/user/..., starting with user")
         turns.append((role, (prefix if i == first else "") + _content(m, i, trim=True)))
     return turns
-

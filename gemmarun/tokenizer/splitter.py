@@ -30,4 +30,3 @@ class _SpecialSplitter:
                 i += 1
         parts.append(text[start:])
         return [p for p in parts if p != ""]
-

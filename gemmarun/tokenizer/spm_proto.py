@@ -54,7 +54,11 @@ def _pieces_short(raw: list[bytes], n: np.ndarray, scores, types) -> bytes:
 
 
 def _sentencepiece_proto(
-    pieces: list[str], scores, types, unk_id: int, add_dummy_prefix: bool,
+    pieces: list[str],
+    scores,
+    types,
+    unk_id: int,
+    add_dummy_prefix: bool,
     charsmap: bytes = b"",
 ) -> bytes:
     """Serialise a sentencepiece ModelProto (BPE, byte fallback, identity normaliser).
@@ -81,4 +85,3 @@ def _sentencepiece_proto(
     )
     out += [_field_bytes(2, trainer), _field_bytes(3, normalizer)]
     return b"".join(out)
-

@@ -85,7 +85,7 @@ class Tokenizer:
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, folder) -> "Tokenizer":
+    def from_dir(cls, folder) -> Tokenizer:
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelNotFoundError(f"{folder}: no such folder")
@@ -101,14 +101,14 @@ class Tokenizer:
         raise CheckpointError(f"{folder}: no tokenizer.json or tokenizer.model")
 
     @classmethod
-    def from_file(cls, path) -> "Tokenizer":
+    def from_file(cls, path) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: no such file")
         return cls._from_path(path, {}, None)
 
     @classmethod
-    def _from_path(cls, path: Path, config: dict, template: str | None) -> "Tokenizer":
+    def _from_path(cls, path: Path, config: dict, template: str | None) -> Tokenizer:
         if path.suffix == ".json":
             try:
                 engine = _HFTokenizersEngine(tokenizers.Tokenizer.from_file(str(path)))
@@ -138,12 +138,12 @@ class Tokenizer:
         bos, eos = special("bos"), special("eos")
         if bos is None or eos is None:
             raise CheckpointError(f"{path}: the vocabulary has no {'<bos>' if bos is None else '<eos>'} token")
-        return cls(engine, bos_id=bos, eos_id=eos, pad_id=special("pad"), chat_template=template,
-                   extra_special_ids=extra)
+        return cls(engine, bos_id=bos, eos_id=eos, pad_id=special("pad"), chat_template=template, extra_special_ids=extra)
 
     @classmethod
-    def from_gguf_fields(cls, fields: dict) -> "Tokenizer":
+    def from_gguf_fields(cls, fields: dict) -> Tokenizer:
         """Build from GGUF metadata already read into plain Python values."""
+
         def need(key: str):
             if key not in fields:
                 raise CheckpointError(f"GGUF metadata has no {key}")
@@ -163,14 +163,12 @@ class Tokenizer:
             if scores.ndim != 1 or types.ndim != 1:
                 raise TypeError("nested arrays")
         except (TypeError, ValueError):
-            raise CheckpointError("GGUF tokenizer tokens, scores and token_type must be arrays of strings, "
-                                  "floats and integers; the file is corrupt") from None
+            raise CheckpointError(
+                "GGUF tokenizer tokens, scores and token_type must be arrays of strings, floats and integers; the file is corrupt"
+            ) from None
         types[types == 0] = _NORMAL  # 0 is llama.cpp's "undefined"
         if not (len(pieces) == len(scores) == len(types)):
-            raise CheckpointError(
-                f"GGUF tokenizer arrays differ in length: "
-                f"{len(pieces)} tokens, {len(scores)} scores, {len(types)} types"
-            )
+            raise CheckpointError(f"GGUF tokenizer arrays differ in length: {len(pieces)} tokens, {len(scores)} scores, {len(types)} types")
         unknown = types[(types < 0) | (types > _BYTE)]
         if len(unknown):
             raise CheckpointError(f"GGUF token_type holds unknown type {unknown[0]}")
@@ -197,7 +195,10 @@ class Tokenizer:
             pieces[i] = pieces[i].replace(" ", "\u2581")
         charsmap = fields.get("tokenizer.ggml.precompiled_charsmap")
         proto = _sentencepiece_proto(
-            pieces, scores, types, unk,
+            pieces,
+            scores,
+            types,
+            unk,
             add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", False)),
             charsmap=bytes(charsmap) if charsmap else b"",
         )
@@ -207,8 +208,13 @@ class Tokenizer:
             raise CheckpointError(f"GGUF tokenizer is not a valid SentencePiece vocabulary ({_one_line(e)})") from None
         template = fields.get("tokenizer.chat_template")
         specials = {pieces[i]: int(i) for i in np.flatnonzero((types == _CONTROL) | (types == _UNKNOWN))}
-        return cls(_SentencePieceEngine(sp, specials), bos_id=bos, eos_id=eos, pad_id=pad,
-                   chat_template=template if isinstance(template, str) else None)
+        return cls(
+            _SentencePieceEngine(sp, specials),
+            bos_id=bos,
+            eos_id=eos,
+            pad_id=pad,
+            chat_template=template if isinstance(template, str) else None,
+        )
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -251,7 +257,7 @@ class Tokenizer:
         parts.append(self._engine.decode(run))
         return "".join(parts)
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> "StreamDecoder":
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
 
     # -- chat ----------------------------------------------------------------------------------
@@ -269,4 +275,3 @@ class Tokenizer:
         if add_generation_prompt:
             out.append(f"{START_OF_TURN}model\n")
         return "".join(out)
-

@@ -3,6 +3,7 @@ with transformers and llama.cpp (llama-cpp-python) on the same weights, in one r
 
 Each engine runs in its own subprocess so load time and peak RSS are its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -150,8 +151,7 @@ def run_llamacpp(spec: dict) -> Measurement:
         llm.eval([tok])
         tok = int(_last_logits(llm).argmax())
     decode = spec["decode"] / (time.perf_counter() - t)
-    return Measurement("llama.cpp", spec["label"], os.path.getsize(spec["model"]) / 2**20, load_s, _peak_rss_mb(),
-                       prefill, ttft, decode)  # fmt: skip
+    return Measurement("llama.cpp", spec["label"], os.path.getsize(spec["model"]) / 2**20, load_s, _peak_rss_mb(), prefill, ttft, decode)
 
 
 WORKERS = {"gemmarun": run_gemmarun, "transformers": run_transformers, "llama.cpp": run_llamacpp}
@@ -166,7 +166,7 @@ def measure(engine: str, spec: dict, timeout: float = 1800) -> Measurement | str
     except subprocess.TimeoutExpired:
         return f"timed out after {timeout:.0f} s"
     if r.returncode != 0:
-        lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+        lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
         return lines[-1][:160] if lines else f"exit code {r.returncode}"
     return Measurement(**json.loads(r.stdout.strip().splitlines()[-1]))
 
@@ -238,10 +238,10 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
     same weights and `gemmarun quantize` copies (int8, int4), made once and cached. The tokenizer is
     Gemma 3's vocabulary cut to Gemma 2's size (speed does not depend on which pieces the ids stand for)."""
     from ..model.config import PRESETS
-    from ..weights.source import default_model_path
-    from .random_checkpoint import write_random_checkpoint
     from ..tokenizer import Tokenizer
     from ..weights.gguf import read_gguf
+    from ..weights.source import default_model_path
+    from .random_checkpoint import write_random_checkpoint
 
     config = PRESETS["gemma-2-2b"]
     hf = folder / "gemma-2-2b-random"
@@ -265,8 +265,8 @@ def gemma2_2b_files(folder: Path, gguf_types: tuple[str, ...], log=print, scheme
                 paths[t] = made
             continue
         if not path.exists():
-            from ..weights.loader import load_folder_weights
             from ..weights.gguf.writer import write_gguf
+            from ..weights.loader import load_folder_weights
 
             log(f"writing {path.name} (once)")
             _, model = load_folder_weights(hf, torch.float32, torch.device("cpu"))

@@ -1,5 +1,6 @@
 """What a benchmark ran on: the CPU, gemmarun's kernel variant and llama.cpp's build features, printed
 with every figure because speed depends on all three."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """Random-weight checkpoints of exact model shapes: speed and memory do not depend on the values."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """What can be loaded on this machine: the default model, GGUF files in our cache, HF-cache checkpoints."""
+
 from __future__ import annotations
 
 import json

@@ -1,16 +1,17 @@
 """Build the model from a resolved source: a checkpoint folder (safetensors, dense or saved quantised)
 or a .gguf file; the dtype names."""
+
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from ..model.config import GemmaConfig
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError
+from ..model.config import GemmaConfig
 from ..model.gemma import Gemma
 from ..quant import Packed, install
 
@@ -124,7 +125,11 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, quanti
 
 
 def load_folder_weights(
-    path: Path, dtype: torch.dtype, device: torch.device, quantize: str | None = None, group_size: int = 32,
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantize: str | None = None,
+    group_size: int = 32,
     decode: bool = False,
 ) -> tuple[GemmaConfig, Gemma]:
     """Config and weights of a Hugging Face checkpoint folder (no tokenizer needed)."""

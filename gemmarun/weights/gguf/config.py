@@ -1,8 +1,9 @@
 """GGUF metadata -> GemmaConfig, filling what a file leaves out as llama.cpp's loader does."""
+
 from __future__ import annotations
 
-from ...model.config import GLOBAL, SLIDING, GemmaConfig
 from ...errors import ConfigError
+from ...model.config import GLOBAL, SLIDING, GemmaConfig
 
 ARCHITECTURES = ("gemma2", "gemma3")
 
@@ -115,4 +116,3 @@ def _rope_factor(metadata: dict, arch: str) -> float:
     if kind not in ("linear", "none"):
         raise ConfigError(f"GGUF asks for {kind!r} RoPE scaling; gemmarun supports linear scaling")
     return factor
-

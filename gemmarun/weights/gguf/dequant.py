@@ -5,6 +5,7 @@ Block layouts from ggml-common.h. Each decoder takes `b`, (n_blocks, type_size) 
 reference (integers are exact; one rounding per multiply or add), so results match it bit for bit.
 The integer codes stay 8-bit until the one mixed-dtype multiply that writes `o`. QK_K = 256.
 """
+
 from __future__ import annotations
 
 import math
@@ -118,8 +119,16 @@ def _q6_k(b, o):  # ql[128], qh[64], scales[16] (int8), d: x = d * sc * (q - 32)
 
 _FLOATS = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 _BLOCKS = {
-    QT.Q4_0: _q4_0, QT.Q4_1: _q4_1, QT.Q5_0: _q5_0, QT.Q5_1: _q5_1, QT.Q8_0: _q8_0,
-    QT.Q2_K: _q2_k, QT.Q3_K: _q3_k, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k,
+    QT.Q4_0: _q4_0,
+    QT.Q4_1: _q4_1,
+    QT.Q5_0: _q5_0,
+    QT.Q5_1: _q5_1,
+    QT.Q8_0: _q8_0,
+    QT.Q2_K: _q2_k,
+    QT.Q3_K: _q3_k,
+    QT.Q4_K: _q4_k,
+    QT.Q5_K: _q5_k,
+    QT.Q6_K: _q6_k,
 }
 SUPPORTED_TYPES = tuple(t.name for t in (*_FLOATS, *_BLOCKS))
 _CHUNK = 1 << 18  # values decoded per step: bounds the scratch memory to about a MiB
@@ -173,4 +182,3 @@ def dequantize(raw: torch.Tensor, ggml_type: int | str | QT, shape, dtype: torch
     out = torch.empty(shape, dtype=dtype)
     _decode_into(raw.reshape(-1), qt, out.view(-1))
     return out
-

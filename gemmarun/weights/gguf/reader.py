@@ -3,6 +3,7 @@
 `load_gguf(path)` is the entry point: (config, HF-named state dict, metadata). Norm weights come back in
 Hugging Face form (`w`, used as `1 + w`): llama.cpp's converter bakes the `+1` into the file and we undo it.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,8 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from ...model.config import GemmaConfig
 from ...errors import CheckpointError, ModelNotFoundError
+from ...model.config import GemmaConfig
 from .config import config_from_gguf
 from .dequant import _decode_into, resolve_type
 from .names import expected_shapes, gguf_name, hf_name, is_norm
@@ -155,8 +156,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         start = data_start + offset
         if start + nbytes > cur.size:
             raise CheckpointError(
-                f"{path} is truncated: tensor {name} needs bytes up to {start + nbytes} but the file has {cur.size}; "
-                "re-download it"
+                f"{path} is truncated: tensor {name} needs bytes up to {start + nbytes} but the file has {cur.size}; re-download it"
             )
         if name in tensors:
             raise CheckpointError(f"{path} holds tensor {name} twice; the file is corrupt")
@@ -169,15 +169,15 @@ def _nbytes(path: Path, name: str, ne: list[int], ggml_type: int) -> int:
     try:
         block, size = GGML_QUANT_SIZES[QT(ggml_type)]
     except (ValueError, KeyError):
-        raise CheckpointError(f"{path}: tensor {name} has unknown ggml type id {ggml_type}; the file is corrupt or newer than gguf-py") from None
+        raise CheckpointError(
+            f"{path}: tensor {name} has unknown ggml type id {ggml_type}; the file is corrupt or newer than gguf-py"
+        ) from None
     if ne and ne[0] % block:
         raise CheckpointError(f"{path}: tensor {name} has rows of {ne[0]} values, not a multiple of its {block}-value blocks")
     return math.prod(ne) // block * size
 
 
-def load_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32, packer=None
-) -> tuple[GemmaConfig, dict[str, torch.Tensor], dict]:
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, packer=None) -> tuple[GemmaConfig, dict[str, torch.Tensor], dict]:
     """(config, Hugging Face-named state dict in `dtype`, metadata) from a gemma2/gemma3 GGUF file.
     Tensors are decoded one at a time straight into their outputs, so peak memory stays near the result.
     `packer(name, tensor)` may return a packed form to keep instead of decoding (None: decode)."""

@@ -6,6 +6,7 @@ would be smaller, but on the 270M's 640-wide matrices its unpacking cost more th
 saved: decode 45 -> 41 tok/s, prefill 240 -> 180); K-quants keep float32 sub-block scales.
 Types without a mapping here (Q2_K, Q3_K, floats) are decoded densely.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Used by tests and by benchmarks that make GGUF copies of a checkpoint. The file 
 llama.cpp's convert_hf_to_gguf.py writes for gemma2 / gemma3, norms stored as 1 + w, llama.cpp names,
 and 2-D weights in the requested type (1-D tensors stay F32, as the converter keeps them).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from ...model.config import SLIDING, GemmaConfig
 from ...errors import CheckpointError, ConfigError
+from ...model.config import SLIDING, GemmaConfig
 from .config import default_layer_types, default_query_scalar
 from .names import expected_shapes, gguf_name, is_norm
 
@@ -78,9 +79,7 @@ def _write_hparams(w: gguf.GGUFWriter, c: GemmaConfig, arch: str) -> None:
     gemma2 = arch == "gemma2"
     scalar = default_query_scalar(arch, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.head_dim)
     if c.query_pre_attn_scalar != scalar:  # GGUF has no key for it; llama.cpp derives it from the size
-        raise ConfigError(
-            f"query_pre_attn_scalar {c.query_pre_attn_scalar} cannot be stored in GGUF: llama.cpp would use {scalar}"
-        )
+        raise ConfigError(f"query_pre_attn_scalar {c.query_pre_attn_scalar} cannot be stored in GGUF: llama.cpp would use {scalar}")
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
