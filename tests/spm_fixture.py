@@ -9,6 +9,7 @@ and land at small ids, so code must look them up by piece, never assume 106/107.
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 from pathlib import Path
@@ -67,9 +68,18 @@ def _corpus(rng: random.Random) -> list[str]:
 
 
 def train_tiny_spm(out_dir: Path, vocab_size: int = 600) -> Path:
-    """Train the model into out_dir/tokenizer.model and return that path."""
+    """Write the model into out_dir/tokenizer.model and return that path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "tokenizer.model"
+    path.write_bytes(_trained(vocab_size))
+    return path
+
+
+@functools.cache
+def _trained(vocab_size: int) -> bytes:
+    """The serialised model, trained once per process and vocabulary size: training is deterministic
+    (a fixed corpus, one thread), so every checkpoint folder gets the same bytes a fresh run would."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus(random.Random(0))),
@@ -95,6 +105,4 @@ def train_tiny_spm(out_dir: Path, vocab_size: int = 600) -> Path:
         num_threads=1,
         minloglevel=2,
     )
-    path = out_dir / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+    return model.getvalue()

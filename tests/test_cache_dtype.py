@@ -15,7 +15,6 @@ from gemmarun.model.cache import KVCache
 from gemmarun.chat import ChatSession
 from gemmarun.generation import Engine
 from gemmarun.kernels import attention_kernel
-from checkpoints import make_reference, save_checkpoint
 
 # Largest logit difference allowed against the float32 cache, over the largest logit: a key or
 # value rounded to float16's 11 or bfloat16's 8 significant bits (unit roundoff 2^-11, 2^-8) moved
@@ -24,8 +23,8 @@ TOLERANCE = {torch.float16: 2**-7, torch.bfloat16: 2**-5}
 
 
 @pytest.fixture(scope="module", params=["gemma2", "gemma3"])
-def folder(request, tmp_path_factory):
-    return save_checkpoint(make_reference(request.param, seed=5), tmp_path_factory.mktemp(f"{request.param}cache"))
+def folder(request, checkpoint):
+    return checkpoint(request.param, seed=5)
 
 
 def _logits(lm, ids: torch.Tensor, prompt: int) -> tuple[torch.Tensor, str]:

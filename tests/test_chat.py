@@ -12,7 +12,6 @@ from gemmarun import ContextLengthError, InvalidParameterError, SamplingParams
 from gemmarun.chat import ChatSession, render_messages, run_repl
 from gemmarun.lm import LanguageModel
 from gemmarun.tokenizer import Tokenizer
-from checkpoints import make_reference, save_checkpoint
 
 # Gemma 2's own chat template (tokenizer_config.json): it refuses a system role, so gemmarun folds
 # the system text into the first user turn before rendering.
@@ -34,8 +33,8 @@ TALK = [
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_checkpoint(make_reference("gemma2", seed=31), tmp_path_factory.mktemp("chat"))
+def folder(checkpoint):
+    return checkpoint("gemma2", seed=31)
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,18 @@ from gemmarun import InvalidParameterError
 from gemmarun.model.cache import KVCache
 from gemmarun.generation.generator import static_context
 from gemmarun.kernels import decode_stack_class
-from checkpoints import make_reference, save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_checkpoint(make_reference("gemma2", seed=11), tmp_path_factory.mktemp("g2compile"))
+def folder(checkpoint):
+    return checkpoint("gemma2", seed=11)
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
-def test_static_cache_decodes_like_the_sized_one(tmp_path, kind):
+def test_static_cache_decodes_like_the_sized_one(checkpoint, kind):
     # Past the sliding window (16), with a padded batch row, in eager mode: the masks over whole
     # buffers must select the same keys as the trimmed ones.
-    lm = gemmarun.load(save_checkpoint(make_reference(kind, seed=3), tmp_path))
+    lm = gemmarun.load(checkpoint(kind, seed=3))
     model, cfg = lm.model, lm.config
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, cfg.vocab_size, (2, 40), generator=gen)

@@ -9,12 +9,11 @@ import torch
 import gemmarun
 from gemmarun import SamplingParams
 from gemmarun.generation.engine import Engine, EngineBusyError, EngineClosedError, Request
-from checkpoints import make_reference, save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return gemmarun.load(save_checkpoint(make_reference("gemma2", seed=11), tmp_path_factory.mktemp("engine")))
+def lm(checkpoint):
+    return gemmarun.load(checkpoint("gemma2", seed=11))
 
 
 WAIT = 120  # seconds: every wait on the engine's thread is bounded, so a hang fails instead of stalling the suite

@@ -16,15 +16,14 @@ import gemmarun
 from gemmarun.evaluate import TASKS, Request, Scorer, evaluate, get_task, markdown, metrics
 from gemmarun.evaluate.data import DataNotFoundError, read_records
 from gemmarun.evaluate.execution import run_program
-from checkpoints import make_reference, save_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
+def lm(checkpoint):
     # window 16 < the few-shot prompts, so cached scoring crosses the sliding window
-    return gemmarun.load(save_checkpoint(make_reference("gemma2", seed=11), tmp_path_factory.mktemp("g2eval")))
+    return gemmarun.load(checkpoint("gemma2", seed=11))
 
 
 def reference_logprob(lm, scorer, context: str, continuation: str) -> float:

@@ -12,15 +12,14 @@ import gemmarun
 from gemmarun.evaluate import Request, Scorer, evaluate
 from gemmarun.evaluate.harness import GemmarunLM
 from gemmarun.evaluate.perplexity import perplexity, window_count
-from checkpoints import make_reference, save_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 TEXT = "The model reads the text. " * 3 + "Then it writes a small test of the window and the stream. " * 4
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return gemmarun.load(save_checkpoint(make_reference("gemma3", seed=12), tmp_path_factory.mktemp("g3eval")))
+def lm(checkpoint):
+    return gemmarun.load(checkpoint("gemma3", seed=12))
 
 
 @dataclass

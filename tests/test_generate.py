@@ -10,12 +10,11 @@ import torch
 import gemmarun
 from gemmarun import InvalidParameterError, SamplingParams
 from gemmarun.generation.sampling import probabilities, sample_one
-from checkpoints import make_reference, save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_checkpoint(make_reference("gemma2", seed=5), tmp_path_factory.mktemp("g2gen"))
+def folder(checkpoint):
+    return checkpoint("gemma2", seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import gemmarun
 from gemmarun.model.config import GemmaConfig
 from gemmarun.weights.gguf import hf_name, is_norm, read_gguf
 from gemmarun.weights.gguf.writer import write_gguf
-from checkpoints import make_reference, save_checkpoint
 
 # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
 def tokenizer_fields(model_file) -> dict:
@@ -48,11 +47,11 @@ def tokenizer_fields(model_file) -> dict:
 
 
 @pytest.fixture(scope="module", params=["gemma2", "gemma3"])
-def files(request, tmp_path_factory):
+def files(request, tmp_path_factory, checkpoint):
     kind = request.param
     tmp = tmp_path_factory.mktemp(f"gguf-{kind}")
-    ref = make_reference(kind, seed=11)
-    folder = save_checkpoint(ref, tmp / "hf")
+    ref = checkpoint.reference(kind, seed=11)
+    folder = checkpoint(kind, seed=11)
     config = GemmaConfig.from_json_file(folder / "config.json")
     state = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
     fields = tokenizer_fields(folder / "tokenizer.model")

@@ -7,12 +7,11 @@ import torch
 import gemmarun
 from gemmarun import kernels
 from gemmarun.model.backend import TORCH_OPS, decode_layer, kernel_backend
-from checkpoints import make_reference, save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return save_checkpoint(make_reference("gemma3", seed=3, initializer_range=0.05), tmp_path_factory.mktemp("backend"))
+def folder(checkpoint):
+    return checkpoint("gemma3", seed=3, initializer_range=0.05)
 
 
 def test_backend_is_chosen_once_and_again_after_a_move(folder):

@@ -171,15 +171,13 @@ def test_int4_search_equals_generic(generic, variant):
             assert same.float().mean().item() > 0.9
 
 @pytest.mark.parametrize("kind, scheme", [("gemma2", "int8"), ("gemma3", "int4")])
-def test_decode_stack_equals_generic(generic, variant, kind, scheme, tmp_path):
+def test_decode_stack_equals_generic(generic, variant, kind, scheme, checkpoint):
     """The whole C++ decoding step of each variant against generic's, past the sliding window."""
     import gemmarun
     from gemmarun.model.backend import kernel_backend
     from gemmarun.model.cache import KVCache
-    from checkpoints import make_reference, save_checkpoint
 
-    folder = save_checkpoint(make_reference(kind, seed=5, initializer_range=0.05), tmp_path)
-    model = gemmarun.load(folder, quantize=scheme).model
+    model = gemmarun.load(checkpoint(kind, seed=5, initializer_range=0.05), quantize=scheme).model
     stacks = [kernel_backend(m).decode_stack(model) for m in (variant, generic)]
     assert None not in stacks
     ids = torch.randint(3, model.config.vocab_size, (2, 30), generator=_gen(6))

@@ -6,17 +6,15 @@ import torch
 
 import gemmarun
 from gemmarun.model.cache import KVCache
-from checkpoints import make_reference, save_checkpoint
 
 SEQ = 40  # longer than the test window of 16
 
 
 @pytest.fixture(scope="module", params=[("gemma2", 16), ("gemma2", 144), ("gemma3", 16)], ids=["g2-256style", "g2-27bstyle", "g3"])
-def pair(request, tmp_path_factory):
+def pair(request, checkpoint):
     kind, scalar = request.param
-    ref = make_reference(kind, seed=1, query_pre_attn_scalar=scalar)
-    folder = save_checkpoint(ref, tmp_path_factory.mktemp(f"{kind}-{scalar}"))
-    return ref, gemmarun.load(folder)
+    ref = checkpoint.reference(kind, seed=1, query_pre_attn_scalar=scalar)
+    return ref, gemmarun.load(checkpoint(kind, seed=1, query_pre_attn_scalar=scalar))
 
 
 def test_config_read_exactly(pair):

@@ -21,7 +21,6 @@ from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, li
 from gemmarun.weights.gguf import GGUFTensor
 from gemmarun.weights.gguf.relay import repack
 from gemmarun.quant.calibrate import importance
-from checkpoints import make_reference, save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -159,9 +158,9 @@ def test_linears_sharing_an_input_equal_each_alone(rows):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(checkpoint):
     # A narrower init than the parity tests: quantisation noise must not flip near-random argmaxes.
-    return save_checkpoint(make_reference("gemma2", seed=21, initializer_range=0.05), tmp_path_factory.mktemp("q"))
+    return checkpoint("gemma2", seed=21, initializer_range=0.05)
 
 
 def test_int8_generation_follows_fp32_greedy(folder):
@@ -171,11 +170,10 @@ def test_int8_generation_follows_fp32_greedy(folder):
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
-def test_decode_stack_equals_layer_by_layer(kind, tmp_path):
+def test_decode_stack_equals_layer_by_layer(kind, checkpoint):
     """The C++ loop over the layers of a decoding step against the same layers run as modules:
     past the sliding window, with a padding row beside a live one."""
-    folder = save_checkpoint(make_reference(kind, seed=5, initializer_range=0.05), tmp_path)
-    model = gemmarun.load(folder, quantize="int8").model
+    model = gemmarun.load(checkpoint(kind, seed=5, initializer_range=0.05), quantize="int8").model
     if not model.decode_stack():
         pytest.skip("no kernels on this machine: decoding runs layer by layer")
     ids = torch.randint(3, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))

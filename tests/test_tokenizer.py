@@ -15,7 +15,6 @@ import sentencepiece as spm
 from gemmarun.errors import CheckpointError, ConfigError, GemmarunError, InvalidParameterError
 from gemmarun.tokenizer import StreamDecoder, Tokenizer
 from gemmarun.tokenizer.spm_proto import _sentencepiece_proto
-from spm_fixture import train_tiny_spm
 
 # Hard strings for every tokenizer: whitespace runs, code, digits, scripts, emoji, specials.
 HARD = [
@@ -68,22 +67,17 @@ def _random_strings(seed: int, count: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# tiny SentencePiece model
+# tiny SentencePiece model (tiny_spm: trained once a session, in conftest.py)
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return train_tiny_spm(tmp_path_factory.mktemp("tiny_spm"))
+def sp(tiny_spm) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(tiny_spm))
 
 
 @pytest.fixture(scope="module")
-def sp(tiny_model) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=str(tiny_model))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model) -> Tokenizer:
-    return Tokenizer.from_file(tiny_model)
+def tok(tiny_spm) -> Tokenizer:
+    return Tokenizer.from_file(tiny_spm)
 
 
 def test_fixture_layout(sp):
@@ -160,10 +154,10 @@ def _write_tokenizer_json(model_path: Path, folder: Path) -> None:
     hf.save(str(folder / "tokenizer.json"))
 
 
-def test_tokenizer_json_agrees(tok, sp, tiny_model, tmp_path):
+def test_tokenizer_json_agrees(tok, sp, tiny_spm, tmp_path):
     # Both files present: tokenizer.json wins, and the chat template comes from tokenizer_config.json.
-    _write_tokenizer_json(tiny_model, tmp_path)
-    (tmp_path / "tokenizer.model").write_bytes(tiny_model.read_bytes())
+    _write_tokenizer_json(tiny_spm, tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(tiny_spm.read_bytes())
     config = {"bos_token": "<bos>", "eos_token": {"content": "<eos>"}, "pad_token": "<pad>", "chat_template": "{{ x }}"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     hf = Tokenizer.from_dir(tmp_path)
@@ -180,8 +174,8 @@ def test_tokenizer_json_agrees(tok, sp, tiny_model, tmp_path):
     assert hf.render_chat([{"role": "user", "content": "hi"}]) == tok.render_chat([{"role": "user", "content": "hi"}])
 
 
-def test_from_dir_model_only(tiny_model, tmp_path):
-    (tmp_path / "tokenizer.model").write_bytes(tiny_model.read_bytes())
+def test_from_dir_model_only(tiny_spm, tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(tiny_spm.read_bytes())
     template = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     t = Tokenizer.from_dir(tmp_path)
@@ -276,8 +270,8 @@ def test_proto_writer_parses_back(longest):
     )
 
 
-def test_gguf_fields_tiny_agree_with_sentencepiece(tiny_model, tok, sp):
-    g = Tokenizer.from_gguf_fields(_gguf_fields_from_spm(tiny_model))
+def test_gguf_fields_tiny_agree_with_sentencepiece(tiny_spm, tok, sp):
+    g = Tokenizer.from_gguf_fields(_gguf_fields_from_spm(tiny_spm))
     assert (g.bos_id, g.eos_id, g.pad_id, g.vocab_size, g.stop_ids) == (2, 1, 0, 600, tok.stop_ids)
     assert g.chat_template == "{{ bos_token }}"
     for s in HARD + _random_strings(3, 300):
@@ -286,8 +280,8 @@ def test_gguf_fields_tiny_agree_with_sentencepiece(tiny_model, tok, sp):
     assert g.encode("<bos>a<eos>") == tok.encode("<bos>a<eos>")
 
 
-def test_gguf_fields_errors(tiny_model):
-    fields = _gguf_fields_from_spm(tiny_model)
+def test_gguf_fields_errors(tiny_spm):
+    fields = _gguf_fields_from_spm(tiny_spm)
     with pytest.raises(ConfigError):
         Tokenizer.from_gguf_fields({**fields, "tokenizer.ggml.model": "gpt2"})
     with pytest.raises(CheckpointError):
