@@ -1,4 +1,5 @@
 """uvicorn in a background thread, for the server tests."""
+
 from __future__ import annotations
 
 import socket
@@ -21,7 +22,7 @@ class BackgroundServer:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

@@ -4,6 +4,7 @@ Playwright's own browser download is never used (it fetches from the network): t
 `chromium` is launched by path, offline; Playwright's launch gives it a fresh temporary profile
 (user-data dir) each time and removes it after.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,8 +63,7 @@ def set_settings(page, **values) -> None:
     """Fill the settings form (temperature=, top_p=, max_tokens=, seed=, system=) as a user does."""
     if page.is_hidden("#settings"):
         page.click("#toggle-settings")
-    ids = {"temperature": "#temperature", "top_p": "#top-p", "max_tokens": "#max-tokens", "seed": "#seed",
-           "system": "#system-prompt"}  # fmt: skip
+    ids = {"temperature": "#temperature", "top_p": "#top-p", "max_tokens": "#max-tokens", "seed": "#seed", "system": "#system-prompt"}
     for name, value in values.items():
         page.fill(ids[name], str(value))
         page.dispatch_event(ids[name], "change")

@@ -1,5 +1,6 @@
 """The chat page's screenshots in docs/, taken with the default model (the real Gemma 3 270M):
 `python tests/chat_page_screenshots.py` from the repository root (headless Chromium, Playwright)."""
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 def main() -> None:
     lm = gemmarun.load()
-    with Engine(lm, max_batch=2, context=2048) as engine, BackgroundServer(Server(lm, engine).app) as s, \
-            browser.chromium() as b:  # fmt: skip
+    with Engine(lm, max_batch=2, context=2048) as engine, BackgroundServer(Server(lm, engine).app) as s, browser.chromium() as b:
         page = b.new_context(viewport={"width": 1200, "height": 760}, device_scale_factor=1).new_page()
         browser.open_page(page, s.url, "gemma-3-270m-q4_k_m")
         # Completion mode: what suits this pretrained model, and what a new conversation starts in.

@@ -1,4 +1,5 @@
 """Small random Gemma checkpoints made with transformers (the reference) and saved for real."""
+
 from __future__ import annotations
 
 from pathlib import Path

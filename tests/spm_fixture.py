@@ -30,8 +30,7 @@ _OTHER_SCRIPTS = ["日本語", "中文", "한국어", "русский", "ελλ�
 
 _CODE = [
     "def add(a, b):\n    return a + b\n",
-    "class Box:\n    def __init__(self, size):\n        self.size = size\n\n"
-    "    def area(self):\n        return self.size * self.size\n",
+    "class Box:\n    def __init__(self, size):\n        self.size = size\n\n    def area(self):\n        return self.size * self.size\n",
     "for i in range(10):\n\tif i % 2 == 0:\n\t\tprint(i)\n",
     "int main(void) {\n    int x = 42;\n    return x;\n}\n",
     "if (a && b) {\n\t\tfoo();\n\t}\n",

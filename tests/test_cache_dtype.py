@@ -1,5 +1,6 @@
 """A float16 / bfloat16 KV cache (cache_dtype): rounded once as keys and values are written, read
 back widened, on every attention path; decoding stays within rounding of the float32 cache's."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,10 +12,10 @@ import torch
 import gemmarun
 import gemmarun.model.gemma
 from gemmarun import ConfigError
-from gemmarun.model.cache import KVCache
 from gemmarun.chat import ChatSession
 from gemmarun.generation import Engine
 from gemmarun.kernels import attention_kernel
+from gemmarun.model.cache import KVCache
 
 # Largest logit difference allowed against the float32 cache, over the largest logit: a key or
 # value rounded to float16's 11 or bfloat16's 8 significant bits (unit roundoff 2^-11, 2^-8) moved

@@ -1,4 +1,5 @@
 """Chat template, ChatSession (KV cache kept across turns, trimming) and the `gemmarun chat` REPL."""
+
 from __future__ import annotations
 
 import io
@@ -128,7 +129,10 @@ def test_cli_chat_subcommand(folder, lm):
     expected = "".join(session.send("Hello")) + "\n" + "".join(session.send("And then?")) + "\n"
     r = subprocess.run(
         [sys.executable, "-m", "gemmarun.cli", "chat", "--model", str(folder), "--system", "Be brief.", "-n", "6"],
-        input="Hello\nAnd then?\n", capture_output=True, text=True, timeout=300,
+        input="Hello\nAnd then?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected

@@ -1,5 +1,6 @@
 """The chat page at /: its files and routes, then end to end in headless Chromium against a live
 server on the tiny random model (streaming, Stop, persistence, safe rendering, errors, API key)."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -8,17 +9,18 @@ import re
 import time
 from pathlib import Path
 
+import browser
 import httpx
 import pytest
+from background_server import BackgroundServer
+from browser import WAIT_MS, WATCH_REPLY, open_page, record_requests, send, set_settings
 
 import gemmarun
 from gemmarun.generation.engine import Engine, Request, wait_idle
 from gemmarun.generation.sampling import SamplingParams
 from gemmarun.server import Server
 from gemmarun.server.app import STATIC
-import browser
-from background_server import BackgroundServer
-from browser import WAIT_MS, WATCH_REPLY, open_page, record_requests, send, set_settings
+
 from checkpoints import make_reference, save_checkpoint
 
 MODEL = "tinychat"
@@ -57,8 +59,7 @@ def test_page_and_its_files_are_served(server):
     csp = r.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
     scripts = re.findall(r'<script src="([^"]+)"', r.text)
-    assert scripts == ["/static/markdown.js", "/static/api.js", "/static/store.js", "/static/messages.js",
-                       "/static/app.js"]
+    assert scripts == ["/static/markdown.js", "/static/api.js", "/static/store.js", "/static/messages.js", "/static/app.js"]
     for path, kind in [(s, "javascript") for s in scripts] + [("/static/style.css", "text/css")]:
         f = httpx.get(server.url + path, timeout=10)
         assert f.status_code == 200 and kind in f.headers["content-type"], path
@@ -223,8 +224,25 @@ EVIL = ('Look: <script>window.__pwned = 1</script> and <img src=x onerror="windo
         '```html\n<script>window.__pwned = 3</script>\n```\n'
         '**bold <b>x</b>** `<i>code</i>` [bad](javascript:window.__pwned=4) [good](https://example.com/a)\n'
         '- item <svg onload="window.__pwned=5">\n> quote <iframe src="javascript:1">')  # fmt: skip
-ALLOWED = {"P", "BR", "PRE", "CODE", "STRONG", "EM", "A", "UL", "OL", "LI", "BLOCKQUOTE", "H3", "H4", "H5", "H6", "HR",
-           "BUTTON"}  # fmt: skip  (BUTTON: the code block's copy button, added by the page)
+ALLOWED = {
+    "P",
+    "BR",
+    "PRE",
+    "CODE",
+    "STRONG",
+    "EM",
+    "A",
+    "UL",
+    "OL",
+    "LI",
+    "BLOCKQUOTE",
+    "H3",
+    "H4",
+    "H5",
+    "H6",
+    "HR",
+    "BUTTON",
+}  # fmt: skip  (BUTTON: the code block's copy button, added by the page)
 
 
 def _elements(page, selector):
@@ -367,9 +385,16 @@ def test_markdown_structure(page, server):
       box.appendChild(GemmarunMarkdown.render(src));
       return [...box.children].map(e => [e.tagName, e.textContent, e.dataset.lang || null, e.children.length]);
     }""", "# Title\nline one\nline two\n\n- a\n- b *c*\n\n3. x\n\n```py\nprint(1)\n\n```\n> q\n\n---\n```\nopen")  # fmt: skip
-    assert got == [["H3", "Title", None, 0], ["P", "line oneline two", None, 1], ["UL", "ab c", None, 2],
-                   ["OL", "x", None, 1], ["PRE", "print(1)\n", "py", 1], ["BLOCKQUOTE", "q", None, 1], ["HR", "", None, 0],
-                   ["PRE", "open", None, 1]]  # fmt: skip  (a fence still streaming runs to the end)
+    assert got == [
+        ["H3", "Title", None, 0],
+        ["P", "line oneline two", None, 1],
+        ["UL", "ab c", None, 2],
+        ["OL", "x", None, 1],
+        ["PRE", "print(1)\n", "py", 1],
+        ["BLOCKQUOTE", "q", None, 1],
+        ["HR", "", None, 0],
+        ["PRE", "open", None, 1],
+    ]  # fmt: skip  (a fence still streaming runs to the end)
 
 
 @needs_browser

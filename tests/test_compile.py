@@ -1,4 +1,5 @@
 """The torch.compile decoding path: static-cache plans, compiled greedy decoding, and its errors."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,9 +11,9 @@ import torch
 
 import gemmarun
 from gemmarun import InvalidParameterError
-from gemmarun.model.cache import KVCache
 from gemmarun.generation.generator import static_context
 from gemmarun.kernels import decode_stack_class
+from gemmarun.model.cache import KVCache
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 The recording comes from tests/fixtures/make_gemma3_270m_reference.py (re-run it to check it).
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The continuous-batching engine against LanguageModel.generate run alone, on a tiny saved checkpoint."""
+
 from __future__ import annotations
 
 import threading
@@ -115,10 +116,14 @@ def test_every_request_answered_exactly_once(lm):
 
     handles = []
     with Engine(lm, max_batch=4, max_waiting=64) as engine:
+
         def client(k):
             for j in range(4):
-                h = engine.submit(Request(lm.tokenizer.encode(PROMPTS[(k + j) % 6]),
-                                          SamplingParams(max_new_tokens=3 + 5 * j, ignore_eos=True)), sink, block=True)
+                h = engine.submit(
+                    Request(lm.tokenizer.encode(PROMPTS[(k + j) % 6]), SamplingParams(max_new_tokens=3 + 5 * j, ignore_eos=True)),
+                    sink,
+                    block=True,
+                )
                 handles.append(h)
                 if (k + j) % 3 == 0:
                     h.cancel()

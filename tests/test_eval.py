@@ -3,6 +3,7 @@
 Scores are checked against log-likelihoods computed here from `LanguageModel.logits` over the
 whole sequence, so the cached, batched scorer is compared with the plainest possible path.
 """
+
 from __future__ import annotations
 
 import json
@@ -152,10 +153,14 @@ def test_prompt_formats():
     assert task.context(doc) == "Q: Tracy didn't go home that evening. What does Tracy need to do before this?\nA:"
     assert task.gold(doc) == 2
     task, doc, _, _ = first("boolq", "boolq")
-    assert task.requests(doc) == [
-        ("The sky appears blue on a clear day.\nQuestion: is the sky blue?\nAnswer:", " no"),
-        ("The sky appears blue on a clear day.\nQuestion: is the sky blue?\nAnswer:", " yes"),
-    ] and task.gold(doc) == 1
+    assert (
+        task.requests(doc)
+        == [
+            ("The sky appears blue on a clear day.\nQuestion: is the sky blue?\nAnswer:", " no"),
+            ("The sky appears blue on a clear day.\nQuestion: is the sky blue?\nAnswer:", " yes"),
+        ]
+        and task.gold(doc) == 1
+    )
     task, doc, prefix, loaded = first("mmlu", "mmlu", shots=2)
     assert loaded.shot_split == "dev"
     assert prefix == (
@@ -329,9 +334,9 @@ def test_cli_eval_writes_json(lm, tmp_path, capsys):
 
 
 def test_card_comparison_for_known_shapes(lm):
-    from gemmarun.model.config import PRESETS
     from gemmarun.evaluate import default_shots
     from gemmarun.evaluate.card import card_model, published
+    from gemmarun.model.config import PRESETS
 
     shapes = {name: card_model(cfg) for name, cfg in PRESETS.items()}
     assert "Gemma 2 PT 2B" in shapes.values()

@@ -1,4 +1,5 @@
 """The lm-evaluation-harness adapter and perplexity, against gemmarun's own scorer."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Loading at the exact gemma-2-2b shape (random weights, saved sharded): count and peak memory."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Sampling, stop handling, streaming, the pipeline and the CLI on a small saved checkpoint."""
+
 from __future__ import annotations
 
 import subprocess
@@ -130,9 +131,7 @@ def test_pipeline_returns_prompt_plus_continuation(folder, lm):
 
 
 def _cli(*args, stdin=None):
-    return subprocess.run(
-        [sys.executable, "-m", "gemmarun.cli", *args], input=stdin, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "gemmarun.cli", *args], input=stdin, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_generate_streams_same_text(folder, lm):

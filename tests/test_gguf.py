@@ -1,5 +1,6 @@
 """GGUF: reader, config from metadata, name map, dequantisation, writer. References: gguf-py's own
 GGUFReader and numpy `gguf.quants.dequantize`, transformers' parameter names, and the real Gemma 3 270M file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from gemmarun.model.config import GLOBAL, SLIDING, GemmaConfig
 from gemmarun.errors import CheckpointError, ConfigError, ModelNotFoundError
+from gemmarun.model.config import GLOBAL, SLIDING, GemmaConfig
 from gemmarun.weights.gguf import (
     SUPPORTED_TYPES,
     config_from_gguf,
@@ -31,14 +32,38 @@ S, G = SLIDING, GLOBAL
 
 
 def tiny_config(arch: str, **changes) -> GemmaConfig:
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=32, query_pre_attn_scalar=32.0, sliding_window=16, max_position_embeddings=128)
+    common = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        query_pre_attn_scalar=32.0,
+        sliding_window=16,
+        max_position_embeddings=128,
+    )
     if arch == "gemma2":
-        c = GemmaConfig(model_type="gemma2", num_hidden_layers=4, layer_types=(S, G, S, G), rope_theta=10000.0,
-                        rope_local_theta=10000.0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **common)
+        c = GemmaConfig(
+            model_type="gemma2",
+            num_hidden_layers=4,
+            layer_types=(S, G, S, G),
+            rope_theta=10000.0,
+            rope_local_theta=10000.0,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            **common,
+        )
     else:  # six layers, so the default gemma3 pattern puts one global layer last
-        c = GemmaConfig(model_type="gemma3_text", num_hidden_layers=6, layer_types=(S, S, S, S, S, G), rope_theta=1e6,
-                        rope_local_theta=1e4, qk_norm=True, **common)
+        c = GemmaConfig(
+            model_type="gemma3_text",
+            num_hidden_layers=6,
+            layer_types=(S, S, S, S, S, G),
+            rope_theta=1e6,
+            rope_local_theta=1e4,
+            qk_norm=True,
+            **common,
+        )
     return c.replace(**changes)
 
 
@@ -137,8 +162,16 @@ def test_load_into_bfloat16(tmp_path):
 def test_metadata_matches_gguf_reader(tmp_path):
     tokens = [f"<t{i}>" for i in range(96)]
     tokens[7] = "<end_of_turn>"
-    fields = {"model": "llama", "tokens": tokens, "scores": [float(-i) for i in range(96)], "token_type": [1] * 96,
-              "bos_token_id": 2, "eos_token_id": 1, "padding_token_id": 0, "tokenizer.ggml.add_bos_token": True}
+    fields = {
+        "model": "llama",
+        "tokens": tokens,
+        "scores": [float(-i) for i in range(96)],
+        "token_type": [1] * 96,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "padding_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+    }
     config, state = tiny_config("gemma2"), random_state(tiny_config("gemma2"))
     path = tmp_path / "tok.gguf"
     write_gguf(path, config, state, tokenizer_fields=fields, qtype="Q4_0")
@@ -167,8 +200,14 @@ def test_metadata_matches_gguf_reader(tmp_path):
 
 def test_config_keys_beyond_the_converters(tmp_path):
     """Layer patterns, local RoPE bases, linear scaling and a final cap that differ from llama.cpp's defaults."""
-    config = tiny_config("gemma3", num_hidden_layers=4, layer_types=(S, G, G, S), rope_local_theta=20000.0,
-                         rope_scaling_factor=8.0, final_logit_softcapping=30.0)
+    config = tiny_config(
+        "gemma3",
+        num_hidden_layers=4,
+        layer_types=(S, G, G, S),
+        rope_local_theta=20000.0,
+        rope_scaling_factor=8.0,
+        final_logit_softcapping=30.0,
+    )
     path = tmp_path / "odd.gguf"
     write_gguf(path, config, random_state(config))
     meta = read_gguf(path).metadata
@@ -187,8 +226,7 @@ def test_config_keys_beyond_the_converters(tmp_path):
 @pytest.mark.slow  # importing transformers takes several seconds
 def test_names_match_transformers():
     transformers = pytest.importorskip("transformers")
-    for arch, cls, cfg_cls in (("gemma2", "Gemma2ForCausalLM", "Gemma2Config"),
-                               ("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig")):
+    for arch, cls, cfg_cls in (("gemma2", "Gemma2ForCausalLM", "Gemma2Config"), ("gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig")):
         config = tiny_config(arch)
         raw = config.to_hf() | {"query_pre_attn_scalar": int(config.query_pre_attn_scalar)}  # transformers wants an int
         hf = getattr(transformers, cls)(getattr(transformers, cfg_cls).from_dict(raw))
@@ -200,11 +238,19 @@ def test_names_match_transformers():
 
 def test_query_scale_and_defaults_follow_llama_cpp():
     def meta(arch, layers, hidden, heads, head_dim, **extra):
-        d = {"general.architecture": arch, f"{arch}.block_count": layers, f"{arch}.embedding_length": hidden,
-             f"{arch}.feed_forward_length": 4 * hidden, f"{arch}.attention.head_count": heads,
-             f"{arch}.attention.head_count_kv": heads // 2, f"{arch}.attention.key_length": head_dim,
-             f"{arch}.attention.value_length": head_dim, f"{arch}.context_length": 8192,
-             f"{arch}.attention.layer_norm_rms_epsilon": 1e-6, f"{arch}.vocab_size": 256000}
+        d = {
+            "general.architecture": arch,
+            f"{arch}.block_count": layers,
+            f"{arch}.embedding_length": hidden,
+            f"{arch}.feed_forward_length": 4 * hidden,
+            f"{arch}.attention.head_count": heads,
+            f"{arch}.attention.head_count_kv": heads // 2,
+            f"{arch}.attention.key_length": head_dim,
+            f"{arch}.attention.value_length": head_dim,
+            f"{arch}.context_length": 8192,
+            f"{arch}.attention.layer_norm_rms_epsilon": 1e-6,
+            f"{arch}.vocab_size": 256000,
+        }
         return d | {f"{arch}.{k}": v for k, v in extra.items()}
 
     g2_27b = config_from_gguf(meta("gemma2", 46, 4608, 32, 128))
@@ -216,8 +262,16 @@ def test_query_scale_and_defaults_follow_llama_cpp():
     assert g2_9b.rope_theta == g2_9b.rope_local_theta == 10000.0
     g3_27b = config_from_gguf(meta("gemma3", 62, 5376, 32, 128, **{"attention.sliding_window": 1024}))
     assert g3_27b.query_pre_attn_scalar == 168
-    g3 = config_from_gguf(meta("gemma3", 34, 2560, 8, 256, **{"attention.sliding_window": 1024, "rope.freq_base": 1e6,
-                                                               "rope.scaling.type": "linear", "rope.scaling.factor": 8.0}))
+    g3 = config_from_gguf(
+        meta(
+            "gemma3",
+            34,
+            2560,
+            8,
+            256,
+            **{"attention.sliding_window": 1024, "rope.freq_base": 1e6, "rope.scaling.type": "linear", "rope.scaling.factor": 8.0},
+        )
+    )
     assert g3.query_pre_attn_scalar == 256 and g3.rope_scaling_factor == 8.0
     assert [i for i, t in enumerate(g3.layer_types) if t == G] == [5, 11, 17, 23, 29]
     assert (g3.rope_theta, g3.rope_local_theta, g3.attn_logit_softcapping) == (1e6, 1e4, None)
@@ -228,8 +282,18 @@ def test_query_scale_and_defaults_follow_llama_cpp():
 # --------------------------------------------------------------------------------- dequantisation
 
 # Byte offsets of each block's fp16 scale fields (ggml-common.h); random bytes there could be inf/NaN.
-FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-               "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+FP16_FIELDS = {
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q8_0": [0],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
+}
 
 
 def random_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
@@ -267,8 +331,7 @@ def test_float_dequant(qtype):
     raw = stored.contiguous().view(torch.uint8).reshape(-1)
     assert torch.equal(dequantize(raw, qtype, (8, 40)), stored.float())
     if qtype != "BF16":  # gguf-py has no BF16 entry point of this form
-        np.testing.assert_array_equal(gguf.quants.dequantize(raw.numpy().reshape(8, -1), QT[qtype]).reshape(8, 40),
-                                      stored.float().numpy())
+        np.testing.assert_array_equal(gguf.quants.dequantize(raw.numpy().reshape(8, -1), QT[qtype]).reshape(8, 40), stored.float().numpy())
 
 
 def test_unsupported_types_raise():
@@ -387,7 +450,7 @@ def test_real_tensors_match_gguf():
     by_type: dict[str, list] = {}
     for t in f.tensors.values():
         by_type.setdefault(t.type_name, []).append(t)
-    for name, ts in by_type.items():
+    for ts in by_type.values():
         for t in sorted(ts, key=lambda t: t.data.numel())[:3]:  # the three smallest of each type
             got = dequantize(t.data, t.ggml_type, t.shape)
             rows = t.shape[0] if len(t.shape) > 1 else 1

@@ -1,13 +1,14 @@
 """GGUF files end to end: a random transformers checkpoint written as GGUF (with its tokenizer),
 loaded through gemmarun.load and the CLI, against the reference and the safetensors copy."""
+
 from __future__ import annotations
 
 import copy
 import subprocess
 import sys
 
-import pytest
 import gguf
+import pytest
 import sentencepiece as spm
 import torch
 
@@ -15,6 +16,7 @@ import gemmarun
 from gemmarun.model.config import GemmaConfig
 from gemmarun.weights.gguf import hf_name, is_norm, read_gguf
 from gemmarun.weights.gguf.writer import write_gguf
+
 
 # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
 def tokenizer_fields(model_file) -> dict:

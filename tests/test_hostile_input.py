@@ -1,6 +1,7 @@
 """Hostile and careless input: underflowing sampling values, out-of-range seeds, and request bodies that
 parse into something no model can take (huge integers, deep nesting, lone surrogates) get a clear error
 or a defined meaning, never noise or a 500."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +24,9 @@ def _logits(v: int = 1000, seed: int = 0) -> torch.Tensor:
 def test_a_temperature_too_small_for_float32_decodes_greedily(t):
     logits = _logits()
     empty = torch.tensor([], dtype=torch.long)
-    picks = {sample_one(logits, SamplingParams(temperature=t, seed=s), empty, [], SamplingParams(seed=s).make_generator()) for s in range(8)}
+    picks = {
+        sample_one(logits, SamplingParams(temperature=t, seed=s), empty, [], SamplingParams(seed=s).make_generator()) for s in range(8)
+    }
     assert picks == {int(logits.argmax())}
 
 

@@ -1,4 +1,5 @@
 """Kernel dispatch decided once per placement (gemmarun/backend.py) and the typed decode-stack contract."""
+
 from __future__ import annotations
 
 import pytest

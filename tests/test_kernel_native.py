@@ -2,6 +2,7 @@
 built with g++ for each x86 variant (run where the CPU has the flags) and with the AArch64 cross
 compiler for NEON, run under qemu-aarch64-static (.ci/run installs g++-aarch64-linux-gnu and
 qemu-user-static)."""
+
 from __future__ import annotations
 
 import platform

@@ -2,6 +2,7 @@
 each packed format qlinear takes, decode attention over float32 / float16 / bfloat16 caches,
 rms_norm, geglu, the int4 search and the decode stack, odd shapes and tails included. Variants the
 CPU cannot run are skipped with the reason (tests/test_kernel_native.py still compiles them)."""
+
 from __future__ import annotations
 
 import pytest
@@ -169,6 +170,7 @@ def test_int4_search_equals_generic(generic, variant):
             # the float32 sums' last bits only
             same = ((sa - sb).abs() <= 1e-4 * sb.abs()) & ((ma - mb).abs() <= 1e-4 * mb.abs() + 1e-6)
             assert same.float().mean().item() > 0.9
+
 
 @pytest.mark.parametrize("kind, scheme", [("gemma2", "int8"), ("gemma3", "int4")])
 def test_decode_stack_equals_generic(generic, variant, kind, scheme, checkpoint):

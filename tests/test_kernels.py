@@ -1,4 +1,5 @@
 """The float32 C++ kernels against float64 computations of the same formulas (or searches)."""
+
 from __future__ import annotations
 
 import pytest
@@ -125,7 +126,9 @@ def test_int4_search_matches_float64_and_beats_min_max():
         assert scales.shape == mins.shape == (24, 4)
         assert scales[4, 1] == 0 and mins[4, 1] == 0.25
         x = w.double().view(24, 4, 32)
-        wt = ((x.pow(2).mean(-1, keepdim=True) + x.pow(2)).sqrt() * (1 if importance is None else importance.double().view(4, 32))).view(24, 128)
+        wt = ((x.pow(2).mean(-1, keepdim=True) + x.pow(2)).sqrt() * (1 if importance is None else importance.double().view(4, 32))).view(
+            24, 128
+        )
         got = error(scales, mins, wt)
         ref = error(*int4_search(w.double(), None if importance is None else importance.double(), 32), wt)
         lo = x.amin(-1)

@@ -1,4 +1,5 @@
 """Loading checkpoints: folders, shards, the HF cache layout, and every way a checkpoint can be wrong."""
+
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import gemmarun
 from gemmarun import CheckpointError, ConfigError, ModelNotFoundError
+
 from checkpoints import save_checkpoint
 
 

@@ -1,4 +1,5 @@
 """gemmarun against transformers' eager Gemma 2 / Gemma 3 on saved random checkpoints."""
+
 from __future__ import annotations
 
 import pytest

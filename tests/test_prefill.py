@@ -1,5 +1,6 @@
 """Prefill chunks on PyTorch's GEMMs (quant/gemm.py) and the measured choice of path (quant/prefill.py):
 each forced path against float64 within the bound of its rounding, the choice from timings, their cache."""
+
 from __future__ import annotations
 
 import copy
@@ -14,6 +15,7 @@ import gemmarun
 from gemmarun.quant import Packed, QuantLinear, dequantize, linears, matmul, pack_q6, prefill, quantize_int4, quantize_int6, quantize_int8
 from gemmarun.quant.gemm import BF16_UNIT, run, run_dense, upcast_linear
 from gemmarun.quant.modules import _QuantWeight
+
 from checkpoints import make_reference, save_checkpoint
 
 U = BF16_UNIT

@@ -1,5 +1,6 @@
 """Weight-only quantisation: kernels against dequantise-then-matmul, GGUF blocks kept packed,
 save/load round trips, and generation with quantised weights."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,14 +14,28 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 import gemmarun
-from gemmarun.tools.bench import _current_layout, _llama_quantize
-from gemmarun.model.cache import KVCache
 from gemmarun.kernels import int4_search_kernel, qlinear_kernel
-from gemmarun.quant import (KERNEL_MAX_ROWS, Packed, QuantLinear, dequantize, linears, matmul, pack_nibbles, pack_q6, prefill,
-                            quantize_int4, quantize_int6, quantize_int8, unpack_nibbles, unpack_q6)
+from gemmarun.model.cache import KVCache
+from gemmarun.quant import (
+    KERNEL_MAX_ROWS,
+    Packed,
+    QuantLinear,
+    dequantize,
+    linears,
+    matmul,
+    pack_nibbles,
+    pack_q6,
+    prefill,
+    quantize_int4,
+    quantize_int6,
+    quantize_int8,
+    unpack_nibbles,
+    unpack_q6,
+)
+from gemmarun.quant.calibrate import importance
+from gemmarun.tools.bench import _current_layout, _llama_quantize
 from gemmarun.weights.gguf import GGUFTensor
 from gemmarun.weights.gguf.relay import repack
-from gemmarun.quant.calibrate import importance
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +105,9 @@ def test_quantisation_error_is_small():
     lo, step = g.amin(-1, keepdim=True), (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
     if int4_search_kernel() is not None:  # without it, int4 rounds between each group's min and max
         assert err.pow(2).mean() < 0.9 * (torch.round((g - lo) / step) * step + lo - g).pow(2).mean()
-    assert torch.equal(unpack_nibbles(pack_nibbles(torch.arange(64).remainder(16).view(1, 64))), torch.arange(64).remainder(16).view(1, 64).to(torch.uint8))
+    assert torch.equal(
+        unpack_nibbles(pack_nibbles(torch.arange(64).remainder(16).view(1, 64))), torch.arange(64).remainder(16).view(1, 64).to(torch.uint8)
+    )
 
 
 def test_int6_layout_and_error():
@@ -148,7 +165,8 @@ def test_linears_sharing_an_input_equal_each_alone(rows):
     """q/k/v and gate/up go through one kernel call; mixed schemes (as in a Q4_K_M file) included."""
     k = 512
     layers = [QuantLinear(quantize_int8(torch.randn(40, k))), QuantLinear(quantize_int4(torch.randn(24, k), 64)),
-              QuantLinear(repack(_gguf_blocks(QT.Q6_K, 16, k, seed=3))), QuantLinear(repack(_gguf_blocks(QT.Q4_K, 8, k, seed=4)))]  # fmt: skip
+              QuantLinear(repack(_gguf_blocks(QT.Q6_K, 16, k, seed=3))),
+              QuantLinear(repack(_gguf_blocks(QT.Q4_K, 8, k, seed=4)))]  # fmt: skip
     x = torch.randn(1, rows, k, generator=torch.Generator().manual_seed(rows))
     together = linears(x, layers)
     for layer, got in zip(layers, together):

@@ -1,4 +1,5 @@
 """The OpenAI-compatible server, driven by the official `openai` client over loopback."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,14 @@ import httpx
 import openai
 import pytest
 import torch
+from background_server import BackgroundServer
 
 import gemmarun
 from gemmarun import SamplingParams
 from gemmarun.chat import render_messages
 from gemmarun.generation.engine import Engine, Request, wait_idle
 from gemmarun.server import Server
-from background_server import BackgroundServer
+
 from checkpoints import make_reference, save_checkpoint
 
 MODEL = "tinychat"

@@ -1,5 +1,6 @@
 """The stored layout of `gemmarun quantize` checkpoints: canonical (version 2) q6 words that no ISA
 defines, turned into the kernels' order at load; files of the older layout (no version, or 1) load alike."""
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 import gemmarun
 from gemmarun.quant import METADATA_KEY, pack_q6, save_quantized, unpack_q6
 from gemmarun.quant.format import q6_from_canonical, q6_to_canonical
+
 from checkpoints import make_reference, save_checkpoint
 
 

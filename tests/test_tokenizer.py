@@ -60,9 +60,11 @@ HARD = [
 
 def _random_strings(seed: int, count: int) -> list[str]:
     rng = random.Random(seed)
-    alphabet = list("abcdefghijXYZ \t\n0123456789.,;:!?()[]{}<>/\\'\"-_=+*&^%$#@~`") + list(
-        "éüñ日本語中文한국어😀👍🏽🇫🇷ß∑→€"
-    ) + ["    ", "\n\n", "\t\t", "the ", " and", "ing", "<start_of_turn>", "<end_of_turn>"]
+    alphabet = (
+        list("abcdefghijXYZ \t\n0123456789.,;:!?()[]{}<>/\\'\"-_=+*&^%$#@~`")
+        + list("éüñ日本語中文한국어😀👍🏽🇫🇷ß∑→€")
+        + ["    ", "\n\n", "\t\t", "the ", " and", "ing", "<start_of_turn>", "<end_of_turn>"]
+    )
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(count)]
 
 
@@ -266,7 +268,11 @@ def test_proto_writer_parses_back(longest):
     assert proto.trainer_spec.model_type == pb.TrainerSpec.BPE and proto.trainer_spec.byte_fallback
     n = proto.normalizer_spec
     assert (n.name, n.precompiled_charsmap, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces) == (
-        "identity", b"xyz", False, False, True
+        "identity",
+        b"xyz",
+        False,
+        False,
+        True,
     )
 
 
@@ -387,9 +393,7 @@ def _reference_chat(messages, add_generation_prompt=True) -> str:
 
     env = jinja2.Environment()
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(GEMMA3_TEMPLATE).render(
-        messages=messages, bos_token="<bos>", add_generation_prompt=add_generation_prompt
-    )
+    return env.from_string(GEMMA3_TEMPLATE).render(messages=messages, bos_token="<bos>", add_generation_prompt=add_generation_prompt)
 
 
 CHATS = [
@@ -477,9 +481,7 @@ def hf_gguf(gguf_path):
 
 @pytest.mark.slow
 def test_gguf_special_ids(gguf_tok, hf_gguf):
-    assert (gguf_tok.bos_id, gguf_tok.eos_id, gguf_tok.pad_id) == (
-        hf_gguf.bos_token_id, hf_gguf.eos_token_id, hf_gguf.pad_token_id
-    )
+    assert (gguf_tok.bos_id, gguf_tok.eos_id, gguf_tok.pad_id) == (hf_gguf.bos_token_id, hf_gguf.eos_token_id, hf_gguf.pad_token_id)
     assert gguf_tok.vocab_size == 262144
     assert gguf_tok.stop_ids == frozenset({hf_gguf.eos_token_id, hf_gguf.convert_tokens_to_ids("<end_of_turn>")})
     for piece in ("<start_of_turn>", "<end_of_turn>", "<mask>", "\n", "\t"):
