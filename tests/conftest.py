@@ -79,3 +79,19 @@ def checkpoint(tmp_path_factory):
     checkpoints = Checkpoints(tmp_path_factory)
     yield checkpoints
     checkpoints.check_unchanged()
+
+
+@pytest.fixture(scope="session")
+def sp(tiny_spm):
+    """sentencepiece's own processor over the tiny tokenizer: the reference the tokenizer tests use."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(tiny_spm))
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_spm):
+    """gemmarun's Tokenizer over the tiny tokenizer."""
+    from gemmarun.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(tiny_spm)

@@ -9,11 +9,8 @@ import re
 import time
 from pathlib import Path
 
-import browser
 import httpx
 import pytest
-from background_server import BackgroundServer
-from browser import WAIT_MS, WATCH_REPLY, open_page, record_requests, send, set_settings
 
 import gemmarun
 from gemmarun.generation.engine import Engine, Request, wait_idle
@@ -21,6 +18,9 @@ from gemmarun.generation.sampling import SamplingParams
 from gemmarun.server import Server
 from gemmarun.server.app import STATIC
 
+import browser
+from background_server import BackgroundServer
+from browser import WAIT_MS, WATCH_REPLY, open_page, record_requests, send, set_settings
 from checkpoints import make_reference, save_checkpoint
 
 MODEL = "tinychat"

@@ -9,7 +9,6 @@ import httpx
 import openai
 import pytest
 import torch
-from background_server import BackgroundServer
 
 import gemmarun
 from gemmarun import SamplingParams
@@ -17,6 +16,7 @@ from gemmarun.chat import render_messages
 from gemmarun.generation.engine import Engine, Request, wait_idle
 from gemmarun.server import Server
 
+from background_server import BackgroundServer
 from checkpoints import make_reference, save_checkpoint
 
 MODEL = "tinychat"

