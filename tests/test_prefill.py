@@ -215,6 +215,22 @@ def test_choice_from_timings(force, monkeypatch, tmp_path):
         assert prefill.describe() == "prefill: int8 torch-bf16 from 32 rows, int4 kernel, bf16 torch-fp32 from 23 rows (timed on this CPU)"
 
 
+def test_a_near_tie_keeps_the_first_path(force, monkeypatch, tmp_path):
+    force("auto")
+    ms = 1e-3
+    near = 10 * ms / prefill.MARGIN
+    _timings(monkeypatch, tmp_path, {
+        "q8 kernel 128": 10 * ms, "q8 kernel 16": 2 * ms,
+        "q8 torch-fp32 16": 2.5 * ms, "q8 torch-fp32 128": near * 1.01,  # faster, but within the margin
+        "q8 torch-bf16 16": 25 * ms, "q8 torch-int8 16": 25 * ms,
+        "q4 kernel 128": 10 * ms, "q4 kernel 16": 2 * ms,
+        "q4 torch-fp32 16": 2.5 * ms, "q4 torch-fp32 128": near * 0.99,  # past it: chosen
+        "q4 torch-bf16 16": 25 * ms,
+    })  # fmt: skip
+    assert prefill.path("q8", 512, True, True) == "kernel"
+    assert prefill.path("q4", 512, True) == "torch-fp32"
+
+
 def test_timings_kept_on_disk_per_machine(force, monkeypatch, tmp_path):
     force("auto")
     monkeypatch.setattr(prefill, "measure", lambda kind, path, rows, limit=float("inf"): {"kernel": 1.0}.get(path, 2.0) * rows)

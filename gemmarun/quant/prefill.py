@@ -49,6 +49,10 @@ SMALL_ROWS, LARGE_ROWS = 16, 128  # the two chunk sizes timed; under SMALL_ROWS 
 SHAPE = (1024, 2304)
 RUNS = 2  # the faster of two: the first also pays for caches and oneDNN's kernel generation
 DROP = 2.0  # a candidate more than this many times slower than the best so far is not timed further
+# Another path must beat the first (the kernel, or the small-batch path) by this factor at LARGE_ROWS:
+# one timing on a shared machine is noisy, and on the EPYC float32 tiles won an idle timing of int8 by
+# a hair, then prefilled the 2B int8 shape 8% slower than the kernel.
+MARGIN = 1.25
 VERSION = 1  # of what is timed: a change of candidates or shapes must not reuse old times
 
 
@@ -107,7 +111,7 @@ def _choice(kind: str, paths: tuple[str, ...]) -> Choice:
         if t.seconds(kind, p, SMALL_ROWS, limit) <= limit:
             large[p] = t.seconds(kind, p, LARGE_ROWS, limit)
     best = min(large, key=large.get)
-    if best == small:
+    if best == small or large[best] * MARGIN > large[small]:
         return Choice(small, small, SMALL_ROWS)
     d_small = t.seconds(kind, best, SMALL_ROWS) - t.seconds(kind, small, SMALL_ROWS)
     if d_small <= 0:
