@@ -4,6 +4,11 @@ Every slot stores the absolute position of the token in it (-1 when empty), so t
 mask is computed from positions alone: exact past the window and for batch rows that sit at
 different positions. Each buffer has one extra "trash" slot at the end where padding tokens
 are written, so a batched write never needs a per-row branch.
+
+A sliding ring may be longer than the window (`ring_extra` slots): the mask still admits only
+`sliding_window` positions, and the spare slots keep the keys a rollback needs. `truncate` forgets
+positions from a given one on; on a sliding layer it is exact when at most `ring_extra` positions
+written since are dropped (speculative tokens rejected, a cached prefix resumed short of its end).
 """
 
 from __future__ import annotations
@@ -29,14 +34,18 @@ class AttnPlan:
 class KVCache:
     """Per-layer K/V buffers of shape (B, Hkv, S + 1, D), S = context (global) or window (sliding)."""
 
-    def __init__(self, config: GemmaConfig, batch_size: int, context: int, dtype: torch.dtype, device="cpu", static: bool = False):
+    def __init__(self, config: GemmaConfig, batch_size: int, context: int, dtype: torch.dtype, device="cpu", static: bool = False,
+                 ring_extra: int = 0):  # fmt: skip
         self.config = config
         # static: decoding steps attend over whole buffers, so no shape depends on the positions and
         # torch.compile traces one graph per (batch, context); see plan_static.
         self.static = static
         self.batch_size = batch_size
         self.context = context
-        window = min(config.sliding_window, context)
+        if ring_extra < 0:
+            raise ValueError(f"ring_extra must be >= 0, got {ring_extra}")
+        self.ring_extra = ring_extra
+        window = min(config.sliding_window + ring_extra, context)
         self.size = {"global": context, "sliding": window}
         b, h, d = batch_size, config.num_key_value_heads, config.head_dim
         self.k, self.v = [], []
@@ -49,14 +58,14 @@ class KVCache:
         self.filled = 0  # 1 + the highest position written so far (global slots are positions)
 
     @classmethod
-    def for_model(cls, model, batch_size: int, context: int, static: bool = False) -> KVCache:
+    def for_model(cls, model, batch_size: int, context: int, static: bool = False, ring_extra: int = 0) -> KVCache:
         """A cache for `model` (a Gemma): its config, device and cache_dtype."""
-        return cls(model.config, batch_size, context, model.cache_dtype, model.device, static=static)
+        return cls(model.config, batch_size, context, model.cache_dtype, model.device, static=static, ring_extra=ring_extra)
 
     def repeat(self, batch: int) -> KVCache:
         """A new cache of `batch` rows, each a copy of this cache's single row (the eval scorer's
         shared prefixes)."""
-        dst = KVCache(self.config, batch, self.context, self.k[0].dtype, self.k[0].device)
+        dst = KVCache(self.config, batch, self.context, self.k[0].dtype, self.k[0].device, ring_extra=self.ring_extra)
         for d, s in zip(dst.k + dst.v, self.k + self.v):
             d.copy_(s.expand_as(d))
         for kind, table in self.pos.items():
@@ -74,6 +83,19 @@ class KVCache:
         if rows is None:
             self.filled = 0
 
+    def truncate(self, length: int, rows: torch.Tensor | None = None) -> None:
+        """Forget every position >= length (of all rows, or of the given batch rows): the cache as it
+        was before they were written, provided a sliding ring dropped at most `ring_extra` of them
+        (older ring slots were overwritten by the dropped positions otherwise)."""
+        for p in self.pos.values():
+            view = p if rows is None else p[rows]
+            view = torch.where(view >= length, -1, view)
+            if rows is None:
+                p.copy_(view)
+            else:
+                p[rows] = view
+        self.filled = int(self.pos["global"].max()) + 1
+
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache over batch rows [start, stop) that shares this one's buffers (writes land here).
 
@@ -82,6 +104,7 @@ class KVCache:
         """
         view = object.__new__(KVCache)
         view.config, view.context, view.size, view.static = self.config, self.context, self.size, self.static
+        view.ring_extra = self.ring_extra
         view.batch_size = stop - start
         view.k = [t[start:stop] for t in self.k]
         view.v = [t[start:stop] for t in self.v]
