@@ -153,6 +153,8 @@ void check_quantise() {
       blk[j] = 1;
       const auto d = V::block_dot(V::load_block<8>(blk.data(), 0), V::load_x(qv));
       c(V::facc_sum(V::fma_dot(V::facc_zero(), d, 1.f)) == float(qg[j]) ? 0.0 : 1.0, 0.0);
+      const float half_factor = 0.5f;  // exact: the code is an integer below 2^15
+      c(V::facc_sum(V::fma_dot_at(V::facc_zero(), d, &half_factor)) == 0.5f * float(qg[j]) ? 0.0 : 1.0, 0.0);
     }
   }
 }

@@ -135,6 +135,7 @@ struct Avx2 {
   }
 
   static FAcc fma_dot(FAcc acc, IDot d, float f) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(f), acc); }
+  static FAcc fma_dot_at(FAcc acc, IDot d, const float* f) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(f), acc); }
   // the low lane sums values 0-15 (first scale), the high lane 16-31 (second scale)
   static FAcc fma_dot_halves(FAcc acc, IDot d, float s0, float s1, float xd) {
     const __m256 s = _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));

@@ -84,6 +84,9 @@ struct Avx512 : Avx2 {
   static IDot block_dot(const WBlock& w, const XBlock& x) { return _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, x); }
 
   static FAcc fma_dot(FAcc acc, IDot d, float f) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(f), acc); }
+  static FAcc fma_dot_at(FAcc acc, IDot d, const float* f) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_broadcastss_ps(_mm_load_ss(f)), acc);
+  }
   static FAcc fma_dot_halves(FAcc acc, IDot d, float s0, float s1, float xd) {
     const __m512 s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
     return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), s), _mm512_set1_ps(xd), acc);

@@ -71,6 +71,7 @@ struct Generic {
   }
 
   static FAcc fma_dot(FAcc acc, IDot d, float f) { return acc + static_cast<float>(d.lo + d.hi) * f; }
+  static FAcc fma_dot_at(FAcc acc, IDot d, const float* f) { return fma_dot(acc, d, *f); }
   static FAcc fma_dot_halves(FAcc acc, IDot d, float s0, float s1, float xd) {
     return acc + (static_cast<float>(d.lo) * s0 + static_cast<float>(d.hi) * s1) * xd;
   }

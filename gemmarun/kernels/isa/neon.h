@@ -122,6 +122,7 @@ struct Neon : Generic {
   }
 
   static FAcc fma_dot(FAcc acc, IDot d, float f) { return vfmaq_n_f32(acc, vcvtq_f32_s32(vaddq_s32(d.lo, d.hi)), f); }
+  static FAcc fma_dot_at(FAcc acc, IDot d, const float* f) { return fma_dot(acc, d, *f); }
   static FAcc fma_dot_halves(FAcc acc, IDot d, float s0, float s1, float xd) {
     const float32x4_t t = vfmaq_n_f32(vmulq_n_f32(vcvtq_f32_s32(d.lo), s0), vcvtq_f32_s32(d.hi), s1);
     return vfmaq_n_f32(acc, t, xd);

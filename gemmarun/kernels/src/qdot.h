@@ -87,19 +87,19 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
     // below ran a 128 x 640 group-32 matrix in L2 at half this speed). A scale per block (group
     // 32, most GGUF types) or per `per` blocks.
     const int64_t per = group / QK;
-    auto block = [&](FAcc a, int64_t b, float f) {
-      return I::fma_dot(a, I::block_dot(I::template load_block<BITS>(w, b), I::load_x(xq + b * QK)), f);
-    };
+    auto dot = [&](int64_t b) { return I::block_dot(I::template load_block<BITS>(w, b), I::load_x(xq + b * QK)); };
+    auto block = [&](FAcc a, int64_t b, float f) { return I::fma_dot(a, dot(b), f); };
     int64_t b = 0;
     if (per == 1) {
-      // Eight blocks' scale products at once (weight scale x activation scale): a scalar float16
-      // conversion and multiply per block cost a fifth of the loop's instructions.
+      // Eight blocks' scale products at once (weight scale x activation scale), each then
+      // broadcast from memory: a scalar float16 conversion and multiply per block cost a fifth of
+      // the loop's instructions.
       alignas(32) float f[8];
       for (; b + 8 <= nb; b += 8) {
         I::scale_products8(sc + b, xd + b, f);
         for (int j = 0; j < 8; j += 2) {
-          acc[0][0] = block(acc[0][0], b + j, f[j]);
-          odd = block(odd, b + j + 1, f[j + 1]);
+          acc[0][0] = I::fma_dot_at(acc[0][0], dot(b + j), f + j);
+          odd = I::fma_dot_at(odd, dot(b + j + 1), f + j + 1);
         }
       }
       for (; b + 2 <= nb; b += 2) {
