@@ -105,3 +105,44 @@ def test_prefix_cache_figures_are_zero_when_it_is_off(lm):
         m = scrape(s.url)
         assert "prefix_cache" not in httpx.get(s.url + "/health", timeout=WAIT).json()
     assert m[("gemmarun_prefix_cache_hits_total", ())] == 0 and m[("gemmarun_prefix_cache_limit_bytes", ())] == 0
+
+
+def test_cli_serve_flags(lm, capsys):
+    """`gemmarun serve --prefix-cache-mb 4 --metrics-key m`: the limit in /health, /metrics behind its key;
+    a negative limit is a one-line error."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from gemmarun.cli import main
+
+    assert main(["serve", "--model", str(lm.source), "--prefix-cache-mb", "-1"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: --prefix-cache-mb must be >= 0") and err.count("\n") == 1
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "gemmarun.cli", "serve", "--model", str(lm.source), "--port", str(port),
+           "--prefix-cache-mb", "4", "--metrics-key", "m"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180  # loading and starting on a loaded machine
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                health = httpx.get(url + "/health", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        assert health["prefix_cache"]["limit_bytes"] == 4 * 2**20
+        assert httpx.get(url + "/metrics", timeout=WAIT).status_code == 401
+        assert scrape(url, "m")[("gemmarun_prefix_cache_limit_bytes", ())] == 4 * 2**20
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
