@@ -4,13 +4,15 @@ sliding window of 16, on both layer patterns; slack, branch snapshots, eviction,
 from __future__ import annotations
 
 import pytest
+import torch
 
 import gemmarun
 from gemmarun import SamplingParams
 from gemmarun.chat import render_messages
 from gemmarun.errors import InvalidParameterError
+from gemmarun.generation import core
 from gemmarun.generation.engine import Engine, Request
-from gemmarun.generation.prefix_cache import MIN_TOKENS, PrefixCache
+from gemmarun.generation.prefix_cache import MIN_TOKENS, Match, PrefixCache
 from gemmarun.model.cache import KVCache
 
 WAIT = 120  # seconds: a hang fails instead of stalling the suite
@@ -146,3 +148,22 @@ def test_short_matches_and_bad_limits(lm):
     tiny = PrefixCache(cache, 1)  # a snapshot larger than the limit is not kept
     tiny.store(0, list(range(40)))
     assert (tiny.stats()["entries"], tiny.stats()["bytes"], tiny.stats()["evictions"]) == (0, 0, 0)
+
+
+def test_resuming_past_the_slack_would_be_wrong(lm):
+    """Why resumable() refuses: rings that dropped more than ring_extra positions lost part of the
+    window before the resume point, and the continuation's logits go wrong."""
+    ids = lm.tokenizer.encode(SYSTEM * 2)[:60]
+    cache = KVCache.for_model(lm.model, 2, 128, ring_extra=16)  # rings of 16 + 16 slots
+    prefix = PrefixCache(cache, 2**24)
+    with torch.inference_mode():
+        fresh = core.prefill(lm.model, KVCache.for_model(lm.model, 1, 128), [ids])
+        core.prefill(lm.model, cache.rows(0, 1), [ids])
+        prefix.store(0, ids)
+        [snap] = prefix.entries.values()
+        for m, exact in ((44, True), (50, True), (30, False)):
+            assert prefix.resumable(60, m) == exact
+            cache.reset(torch.tensor([1]))
+            prefix.restore(Match(snap, snap.rings[-1], m, 0), 1)
+            got = core.prefill(lm.model, cache.rows(1, 2), [ids[m:]], [m])
+            assert torch.allclose(got, fresh, atol=1e-4) == exact, m
