@@ -118,6 +118,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu_name(), "threads": torch.get_num_threads(), "model": str(lm.source), "turns": rows,
                        "prefix_cache": stats}, f, indent=2)  # fmt: skip
+    if not all(r["identical"] for r in rows):
+        raise SystemExit("error: a reply differed with the prefix cache on")
 
 
 if __name__ == "__main__":
