@@ -102,8 +102,11 @@ def cmd_serve(args) -> int:
 
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach it can use it", stacklevel=2)
+    if args.prefix_cache_mb < 0:
+        raise GemmarunError(f"--prefix-cache-mb must be >= 0 (0 turns it off), got {args.prefix_cache_mb:g}")
     serve(_load(args), host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_waiting=args.max_waiting, model_id=args.served_model_name, context=args.context)  # fmt: skip
+          max_waiting=args.max_waiting, model_id=args.served_model_name, context=args.context,
+          prefix_cache_mb=args.prefix_cache_mb, metrics_key=args.metrics_key)  # fmt: skip
     return 0
 
 
@@ -229,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503 (default 64)")
     s.add_argument("--served-model-name", help="model id clients use (default: the folder or file name)")
+    s.add_argument("--prefix-cache-mb", type=float, default=1024,
+                   help="memory for cached prompt prefixes reused across requests (default 1024; 0 = off)")  # fmt: skip
+    s.add_argument("--metrics-key", help="require 'Authorization: Bearer KEY' on /metrics (default: the --api-key)")
     _add_model_args(s)
     s.set_defaults(func=cmd_serve)
 

@@ -38,7 +38,12 @@ class Engine:
     lock); the engine's thread alone runs the model and writes the runner's state. `steps` and
     `tokens` are written under the scheduler's lock."""
 
-    def __init__(self, lm, max_batch: int = 8, max_waiting: int = 64, context: int | None = None, prefill_chunk: int | None = None):
+    def __init__(self, lm, max_batch: int = 8, max_waiting: int = 64, context: int | None = None, prefill_chunk: int | None = None,
+                 prefix_cache_mb: float = 0):  # fmt: skip
+        """prefix_cache_mb: memory for snapshots of finished rows that later prompts starting with the
+        same tokens resume from (generation/prefix_cache.py); 0 turns the prefix cache off."""
+        if not isinstance(prefix_cache_mb, (int, float)) or isinstance(prefix_cache_mb, bool) or not prefix_cache_mb >= 0:
+            raise InvalidParameterError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidParameterError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(max_waiting, int) or max_waiting < 0:
@@ -46,7 +51,7 @@ class Engine:
         self.model, self.tokenizer = lm.model, lm.tokenizer
         self.context = min(context or lm.context, lm.context)
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.runner = ModelRunner(lm.model, max_batch, self.context, prefill_chunk)
+        self.runner = ModelRunner(lm.model, max_batch, self.context, prefill_chunk, prefix_cache_mb)
         self.prefill_chunk = self.runner.prefill_chunk
         self.cache = self.runner.cache
         self.scheduler = Scheduler(max_batch, max_waiting, self.runner.release)
@@ -97,7 +102,7 @@ class Engine:
     def stats(self) -> dict:
         with self._lock:
             running, waiting = self.scheduler.counts()
-            return {
+            out = {
                 "running": running,
                 "waiting": waiting,
                 "max_batch": self.max_batch,
@@ -105,6 +110,9 @@ class Engine:
                 "steps": self.steps,
                 "tokens": self.tokens,
             }
+        if self.runner.prefix is not None:  # hits, misses, tokens reused, evictions, bytes
+            out["prefix_cache"] = self.runner.prefix.stats()
+        return out
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """True once nothing is queued or running, False after `timeout` seconds."""

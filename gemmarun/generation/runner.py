@@ -13,28 +13,53 @@ import torch
 
 from ..model.cache import KVCache
 from . import core
+from .prefix_cache import MIN_TOKENS, PrefixCache, Ring, ring_extra_for
 from .sampling import sample_one
 from .scheduler import Event, Slot, TokenLogprob
 
 
 class ModelRunner:
-    def __init__(self, model, max_batch: int, context: int, prefill_chunk: int | None = None):
+    def __init__(self, model, max_batch: int, context: int, prefill_chunk: int | None = None, prefix_cache_mb: float = 0):
         self.model = model
-        self.cache = KVCache.for_model(model, max_batch, context)
+        # The prefix cache resumes sliding rings a few positions short of a snapshot's end: they
+        # keep that many slots beyond the window (the mask is unchanged).
+        extra = ring_extra_for(model.config.sliding_window) if prefix_cache_mb > 0 else 0
+        self.cache = KVCache.for_model(model, max_batch, context, ring_extra=extra)
+        self.prefix = PrefixCache(self.cache, int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.prompt_rings: dict[int, Ring] = {}  # row -> its sliding rings when its prompt was read
         # Padded tokens per prefill forward: the core's policy, which is also the engine's per-step
         # budget for reading prompts (a smaller one keeps running streams' steps shorter).
         self.prefill_chunk = prefill_chunk or core.prefill_chunk_for(model)
         # A scored prompt keeps every position's logits: the core's bound for them, within the budget.
         self.score_chunk = min(self.prefill_chunk, core.score_chunk_for(model))
 
-    def release(self, row: int) -> None:
-        """Forget a freed row's keys and values, so decoding over the rows below it reads less."""
-        self.cache.reset(torch.tensor([row]))
+    def release(self, s: Slot, sound: bool = True) -> None:
+        """Forget a freed row's keys and values, so decoding over the rows below it reads less;
+        the prefix cache snapshots it first, unless a failed forward left it unsound."""
+        earlier = self.prompt_rings.pop(s.row, None)
+        if self.prefix is not None and sound:
+            self.prefix.store(s.row, fed(s), earlier)
+        self.cache.reset(torch.tensor([s.row]))
+
+    def _admit(self, s: Slot) -> None:
+        """A new row: resume its prompt from the prefix cache's best snapshot, if any. Scored
+        prompts (echo with logprobs) need every position's logits, so they prefill from the start."""
+        s.fresh = False
+        if self.prefix is None or s.handle.request.prompt_logprobs:
+            return
+        match = self.prefix.match(s.prompt)
+        if match.snapshot is not None:
+            self.prefix.restore(match, s.row)
+            s.prefilled = match.resume
+        s.branch = match.branch
 
     def step(self, slots: list[Slot]) -> tuple[list[tuple[Slot, Event]], int]:
         """One engine step over the occupied slots: (each sampled token's slot and event, in order;
         decoding forwards run)."""
         out: list[tuple[Slot, Event]] = []
+        for s in slots:
+            if s.fresh:
+                self._admit(s)
         prefilling = [s for s in slots if s.prefilled < len(s.prompt)]
         if prefilling:
             group = self._prefill_group(prefilling)
@@ -70,14 +95,28 @@ class ModelRunner:
         pieces: list[list[int]] = [[] for _ in range(hi - lo)]
         starts = [0] * (hi - lo)
         for s in group:
-            pieces[s.row - lo] = s.prompt[s.prefilled : s.prefilled + self.prefill_chunk]
+            stop = s.prefilled + self.prefill_chunk
+            if s.branch > s.prefilled:  # a chunk ends at the branch point, for its snapshot
+                stop = min(stop, s.branch)
+            pieces[s.row - lo] = s.prompt[s.prefilled : stop]
             starts[s.row - lo] = s.prefilled
         logits = core.forward(self.model, self.cache.rows(lo, hi), pieces, starts).cpu()  # (hi - lo, V)
         for s in group:
             s.prefilled += len(pieces[s.row - lo])
+            if s.branch and s.prefilled == s.branch:
+                self.prefix.store(s.row, s.prompt[: s.branch])
+                s.branch = 0
             if s.prefilled == len(s.prompt):
                 s.pos = s.prefilled
+                self._keep_prompt_rings(s)
                 out.append((s, self._sample(s, logits[s.row - lo])))
+
+    def _keep_prompt_rings(self, s: Slot) -> None:
+        """Copy a row's sliding rings at the end of its prompt when its reply may wrap them: its
+        snapshot can then resume a next prompt that keeps this one but not the reply as sampled."""
+        n = len(s.prompt)
+        if self.prefix is not None and n >= MIN_TOKENS and n + s.handle.seq.max_new > self.prefix.size:
+            self.prompt_rings[s.row] = self.prefix.ring(s.row, n)
 
     def _prefill_scored(self, s: Slot, out: list) -> None:
         """One chunk of a prompt that is scored too (echo with logprobs), in a forward over its row."""
@@ -124,6 +163,14 @@ class ModelRunner:
         else:
             s.pending = token
         return event
+
+
+def fed(s: Slot) -> list[int]:
+    """The tokens a row's cache holds: the prompt read so far, then each sampled token fed back
+    (the last one sampled is never fed)."""
+    if s.prefilled < len(s.prompt):
+        return s.prompt[: s.prefilled]
+    return (s.prompt + s.handle.seq.ids)[: s.pos]
 
 
 def logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:

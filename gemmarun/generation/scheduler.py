@@ -129,6 +129,8 @@ class Slot:
     pending: int | None = None  # sampled token not yet fed to the model
     pos: int = 0  # position `pending` will be written at
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    fresh: bool = True  # not yet seen by the runner, which looks its prompt up in the prefix cache then
+    branch: int = 0  # the prefix cache snapshots the row once its prefill reaches this position (0: never)
 
     @property
     def prompt(self) -> list[int]:
@@ -138,9 +140,11 @@ class Slot:
 class Scheduler:
     """The queue of `max_waiting` requests and the table of `max_batch` cache rows."""
 
-    def __init__(self, max_batch: int, max_waiting: int, release: Callable[[int], None]):
+    def __init__(self, max_batch: int, max_waiting: int, release: Callable[[Slot, bool], None]):
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.release = release  # forgets a freed row's keys and values (the runner's cache; engine thread)
+        # forgets a freed row's keys and values (the runner's cache; engine thread); the flag says
+        # whether the row's state is sound (no failed forward), so the prefix cache may keep it
+        self.release = release
         self.lock = threading.Condition()
         self.waiting: deque[Handle] = deque()
         self.slots: list[Slot | None] = [None] * max_batch
@@ -223,7 +227,7 @@ class Scheduler:
         """Give the row back and send the request's last event."""
         with self.lock:
             self.slots[slot.row] = None
-            self.release(slot.row)
+            self.release(slot, last.error is None)
             self.deliver(slot.handle, last)
             self.lock.notify_all()
 

@@ -1,5 +1,5 @@
-"""The HTTP routes over the engine: /v1/models, /v1/completions, /v1/chat/completions, /health, the chat
-page at / (static files from ./static); `serve`."""
+"""The HTTP routes over the engine: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics,
+the chat page at / (static files from ./static); `serve`."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, InvalidParameterError
 from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
+from .metrics import Metrics, RequestCounter
 from .requests import Parsed, json_body, parse_chat, parse_completion
 from .responses import APIError, ResponseWriter, engine_failure
 
@@ -38,10 +39,13 @@ def model_id_for(source: str) -> str:
 class Server:
     """The FastAPI app and what its handlers share: the engine, the tokenizer, the model id."""
 
-    def __init__(self, lm, engine: Engine, model_id: str | None = None, api_key: str | None = None):
+    def __init__(self, lm, engine: Engine, model_id: str | None = None, api_key: str | None = None,
+                 metrics_key: str | None = None):  # fmt: skip
         self.lm, self.engine, self.tokenizer = lm, engine, lm.tokenizer
         self.model_id = model_id or model_id_for(lm.source)
         self.api_key = api_key
+        self.metrics_key = metrics_key  # /metrics asks for this key when given, else for api_key
+        self.metrics = Metrics(engine)
         self.created = int(time.time())
         self.writer = ResponseWriter(self.tokenizer, self.model_id)
         self.app = self._build_app()
@@ -52,8 +56,10 @@ class Server:
         events: asyncio.Queue = asyncio.Queue()
         # Choice index by request object: known before submitting, as the engine may report at once.
         index = {id(r): i for i, r in enumerate(parsed.requests)}
+        observe = self.metrics.observer()
 
         def sink(handle: Handle, event: Event) -> None:  # on the engine's thread
+            observe(index[id(handle.request)], handle, event)
             loop.call_soon_threadsafe(events.put_nowait, (index[id(handle.request)], handle, event))
 
         try:
@@ -91,6 +97,16 @@ class Server:
 
         v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
+        async def require_metrics_key(request: HTTPRequest):
+            key = server.metrics_key or server.api_key
+            if key and request.headers.get("authorization", "") != f"Bearer {key}":
+                raise APIError(401, "Incorrect or missing metrics key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+        @app.get("/metrics", dependencies=[Depends(require_metrics_key)], include_in_schema=False)
+        async def metrics():
+            body, content_type = server.metrics.render()
+            return Response(body, media_type=content_type)
+
         @app.get("/health")
         async def health():
             if not server.engine.healthy:
@@ -124,6 +140,7 @@ class Server:
 
         app.include_router(v1)
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
+        app.add_middleware(RequestCounter, metrics=self.metrics)
         return app
 
     def model_card(self) -> dict:
@@ -181,14 +198,17 @@ def _version() -> str:
 
 
 SERVE_CONTEXT = 8192  # default tokens per row: the KV cache holds max_batch of them
+SERVE_PREFIX_CACHE_MB = 1024  # default prefix-cache memory: a few long conversations of the 2B (README)
 
 
 def serve(lm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_waiting: int = 64, model_id: str | None = None, context: int | None = None,
-          log_level: str = "info") -> None:  # fmt: skip
+          log_level: str = "info", prefix_cache_mb: float = SERVE_PREFIX_CACHE_MB,
+          metrics_key: str | None = None) -> None:  # fmt: skip
     """Run the server until interrupted. `context` defaults to the model's, capped at 8192."""
     import uvicorn
 
-    with Engine(lm, max_batch=max_batch, max_waiting=max_waiting, context=context or min(lm.context, SERVE_CONTEXT)) as engine:
-        server = Server(lm, engine, model_id, api_key)
+    context = context or min(lm.context, SERVE_CONTEXT)
+    with Engine(lm, max_batch=max_batch, max_waiting=max_waiting, context=context, prefix_cache_mb=prefix_cache_mb) as engine:
+        server = Server(lm, engine, model_id, api_key, metrics_key)
         uvicorn.run(server.app, host=host, port=port, log_level=log_level)
