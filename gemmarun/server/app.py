@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, InvalidParameterError
 from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
+from .batch_routes import BatchService, batch_router
 from .requests import Parsed, json_body, parse_chat, parse_completion
 from .responses import APIError, ResponseWriter, engine_failure
 
@@ -38,13 +39,18 @@ def model_id_for(source: str) -> str:
 class Server:
     """The FastAPI app and what its handlers share: the engine, the tokenizer, the model id."""
 
-    def __init__(self, lm, engine: Engine, model_id: str | None = None, api_key: str | None = None):
+    def __init__(self, lm, engine: Engine, model_id: str | None = None, api_key: str | None = None, data_dir=None):
         self.lm, self.engine, self.tokenizer = lm, engine, lm.tokenizer
         self.model_id = model_id or model_id_for(lm.source)
         self.api_key = api_key
         self.created = int(time.time())
         self.writer = ResponseWriter(self.tokenizer, self.model_id)
+        self.batches = BatchService(self, data_dir)  # /v1/files and /v1/batches; state under data_dir
         self.app = self._build_app()
+
+    def close(self) -> None:
+        """Stop the Batch API's worker (its batches resume when a server starts on the same data_dir)."""
+        self.batches.close()
 
     # -- running -------------------------------------------------------------------------------
 
@@ -122,6 +128,7 @@ class Server:
         async def page():
             return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
+        v1.include_router(batch_router(server.batches))
         app.include_router(v1)
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
         return app
@@ -185,10 +192,14 @@ SERVE_CONTEXT = 8192  # default tokens per row: the KV cache holds max_batch of 
 
 def serve(lm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_waiting: int = 64, model_id: str | None = None, context: int | None = None,
-          log_level: str = "info") -> None:  # fmt: skip
-    """Run the server until interrupted. `context` defaults to the model's, capped at 8192."""
+          log_level: str = "info", data_dir=None) -> None:  # fmt: skip
+    """Run the server until interrupted. `context` defaults to the model's, capped at 8192; the Batch
+    API keeps its files and batches under `data_dir` (a temporary folder if None)."""
     import uvicorn
 
     with Engine(lm, max_batch=max_batch, max_waiting=max_waiting, context=context or min(lm.context, SERVE_CONTEXT)) as engine:
-        server = Server(lm, engine, model_id, api_key)
-        uvicorn.run(server.app, host=host, port=port, log_level=log_level)
+        server = Server(lm, engine, model_id, api_key, data_dir)
+        try:
+            uvicorn.run(server.app, host=host, port=port, log_level=log_level)
+        finally:
+            server.close()
