@@ -50,6 +50,7 @@ class ShardedScorer(Scorer):
     def __init__(self, lm, actors: list, **kw):
         super().__init__(lm, **kw)
         self.actors = actors
+        self.shard_sizes: list[int] = []  # requests sent to each actor by the last call
 
     def loglikelihood_ids(self, pairs, progress: Progress | None = None, size: int | None = None) -> list[LogLikelihood]:
         ray = import_ray()
@@ -65,6 +66,7 @@ class ShardedScorer(Scorer):
         bounds = [0, *_balanced(cuts, [len(groups[c]) for c in order], len(self.actors)), len(order)]
         size = size or max(len(c) + len(k) for c, k in fitted)
         shards = [[i for ctx in order[a:b] for i in groups[ctx]] for a, b in zip(bounds, bounds[1:])]
+        self.shard_sizes = [len(rows) for rows in shards]
         futures = [actor.loglikelihood_ids.remote([fitted[i] for i in rows], size) for actor, rows in zip(self.actors, shards)]
         out: list[LogLikelihood | None] = [None] * len(fitted)
         for rows, future in zip(shards, futures):
