@@ -133,3 +133,13 @@ def test_killed_replica_fails_its_requests_and_is_replaced(serve_app, plain, ray
         time.sleep(0.5)
     assert _client(serve_app).completions.create(model=model, prompt="Once upon", max_tokens=48, temperature=0,
                                                  extra_body={"ignore_eos": True}).choices[0].text == expected  # fmt: skip
+
+
+def test_cli_ray_options_fail_in_one_line(folder, capsys):
+    pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install 'gemmarun[ray]')")
+    from gemmarun.cli import main
+
+    assert main(["serve", "--ray", "--replicas", "0", "--model", str(folder)]) == 1
+    assert main(["serve", "--ray", "--threads", "0", "--model", str(folder)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: --replicas must be >= 1, got 0", "error: --threads must be >= 1, got 0"]

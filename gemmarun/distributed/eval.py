@@ -1,5 +1,6 @@
 """`gemmarun eval --ray`: a task's scoring sharded over Ray actors, each holding its own model, with
-results bit-identical to one process.
+results bit-identical to one process running as many torch threads as each actor (the kernels split
+long reductions across threads, so a different count rounds the last bits differently).
 
 The driver keeps the model too (tokenising, and the task's own settings come from it) and cuts
 the work only where the cut changes no computation: log-likelihood requests between context groups
