@@ -80,6 +80,8 @@ def test_two_replicas_answer_as_a_plain_server(serve_app, plain):
         assert _answers(ray_client, model) == expected
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # gemmarun's own errors, through Serve
         ray_client.completions.create(model=model, prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="no Batch API"):  # one store per replica would mislead
+        ray_client.batches.list()
 
 
 def _replicas(ray) -> list[str]:

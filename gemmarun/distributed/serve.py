@@ -43,7 +43,7 @@ class GemmarunReplica:
         lm = load(**load_kwargs)
         context = context or min(lm.context, SERVE_CONTEXT)
         self.engine = Engine(lm, max_batch=max_batch, max_waiting=max_waiting, context=context).start()
-        self.server = Server(lm, self.engine, model_id, api_key)
+        self.server = Server(lm, self.engine, model_id, api_key, data_dir=False)  # no Batch API per replica
 
     def __serve_build_asgi_app__(self):
         return self.server.app

@@ -11,7 +11,7 @@ import tempfile
 from email import policy
 from email.parser import BytesParser
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse
 
@@ -24,9 +24,13 @@ MAX_LINES = 50_000  # OpenAI's limit on requests per batch
 
 
 class BatchService:
-    """The store and its worker for one server; without a data_dir, a temporary folder (lost on exit)."""
+    """The store and its worker for one server; without a data_dir, a temporary folder (lost on exit).
+    data_dir=False turns the Batch API off (Ray Serve replicas: each would keep batches of its own)."""
 
     def __init__(self, server, data_dir=None):
+        self.store = self.worker = None
+        if data_dir is False:
+            return
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="gemmarun-batches-")
             data_dir = self._tmp.name
@@ -36,7 +40,8 @@ class BatchService:
         self.worker = BatchWorker(self.store, server.engine, server.tokenizer, server.model_id)
 
     def close(self) -> None:
-        self.worker.close()
+        if self.worker is not None:
+            self.worker.close()
 
 
 def _not_found(e: NotFound) -> APIError:
@@ -59,7 +64,12 @@ def _form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
 def batch_router(service: BatchService) -> APIRouter:
     from ..batch.lines import ENDPOINTS, BatchInputError, parse_lines
 
-    router = APIRouter()
+    def available() -> None:
+        if service.store is None:
+            raise APIError(400, "this server has no Batch API (Ray Serve replicas would each keep their own); "
+                           "use `gemmarun serve` on one machine, or `gemmarun batch --ray`", code="batch_api_unavailable")  # fmt: skip
+
+    router = APIRouter(dependencies=[Depends(available)])
     store, worker = service.store, service.worker
 
     @router.post("/files")
