@@ -31,6 +31,10 @@ class BatchInputError(GemmarunError, ValueError):
     """An input file that is not OpenAI batch-format JSON lines."""
 
 
+class _Unserved(Exception):
+    """A line for a method or url gemmarun does not serve: answered with `error`, not a response."""
+
+
 @dataclass(frozen=True)
 class Line:
     custom_id: str
@@ -134,7 +138,7 @@ class LineRunner:
 
     def _parse(self, line: Line) -> tuple[Parsed, bool]:
         if line.method.upper() != "POST" or line.url not in ENDPOINTS:
-            raise ValueError(f"{line.method} {line.url} is not served; use POST and one of {', '.join(ENDPOINTS)}")
+            raise _Unserved(f"{line.method} {line.url} is not served; use POST and one of {', '.join(ENDPOINTS)}")
         body = line.body
         if not isinstance(body, dict):
             raise APIError(400, "the line's 'body' must be a JSON object", code="invalid_json")
@@ -214,7 +218,7 @@ class LineRunner:
                     job.out = output_line(line, 400, APIError(400, str(e), code=code).body())
                 except EngineBusyError as e:  # more choices than the engine holds at once
                     job.out = output_line(line, 400, APIError(400, str(e), param="n").body())
-                except ValueError as e:
+                except _Unserved as e:
                     job.out = output_line(line, None, None, {"code": "invalid_url", "message": str(e)})
                 while not events.empty():
                     settle(block=False)

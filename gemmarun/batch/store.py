@@ -151,6 +151,6 @@ class Store:
         fields = {"status": status}
         for path, key, public in ((out, "_output", "output_file_id"), (err, "_errors", "error_file_id")):
             if path.exists() and path.stat().st_size:
-                self._file_object(batch[key], f"{batch_id}_{public.split('_')[0]}.jsonl", f"batch_{public.split('_')[0]}")
+                self._file_object(batch[key], f"{batch_id}_{public.split('_')[0]}.jsonl", "batch_output")  # OpenAI's purpose for both
                 fields[public] = batch[key]
         return self.update(batch_id, **fields)
