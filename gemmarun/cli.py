@@ -53,6 +53,13 @@ def _sampling(args):
     )
 
 
+def _load_kwargs(args) -> dict:
+    """What load() takes from the model arguments (also sent to Ray replicas and workers, which load their own)."""
+    return dict(source=args.model, dtype=args.dtype, device=args.device, context=args.context, quantize=args.quantize,
+                group_size=args.group_size, compile=getattr(args, "compile", False), cache_dtype=args.cache_dtype,
+                **getattr(args, "calibration_kwargs", {}))  # fmt: skip
+
+
 def _load(args):
     import torch
 
@@ -62,9 +69,7 @@ def _load(args):
         if args.threads < 1:
             raise GemmarunError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=args.dtype, device=args.device, context=args.context, quantize=args.quantize,
-                group_size=args.group_size, compile=getattr(args, "compile", False), cache_dtype=args.cache_dtype,
-                **getattr(args, "calibration_kwargs", {}))  # fmt: skip
+    return load(**_load_kwargs(args))
 
 
 def cmd_generate(args) -> int:
@@ -104,9 +109,48 @@ def cmd_serve(args) -> int:
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach it can use it", stacklevel=2)
     if args.prefix_cache_mb < 0:
         raise GemmarunError(f"--prefix-cache-mb must be >= 0 (0 turns it off), got {args.prefix_cache_mb:g}")
+    if args.ray:
+        from .distributed.serve import serve_on_ray
+
+        serve_on_ray(_load_kwargs(args), replicas=args.replicas, threads=_ray_threads(args), address=args.ray_address,
+                     host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+                     max_waiting=args.max_waiting, model_id=args.served_model_name, context=args.context,
+                     prefix_cache_mb=args.prefix_cache_mb, metrics_key=args.metrics_key)  # fmt: skip
+        return 0
     serve(_load(args), host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_waiting=args.max_waiting, model_id=args.served_model_name, context=args.context,
-          prefix_cache_mb=args.prefix_cache_mb, metrics_key=args.metrics_key)  # fmt: skip
+          prefix_cache_mb=args.prefix_cache_mb, metrics_key=args.metrics_key, data_dir=args.data_dir)  # fmt: skip
+    return 0
+
+
+def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", action="store_true", help=f"run on a Ray cluster ({what}; needs the 'ray' extra)")
+    p.add_argument("--ray-address", help="join this running cluster (e.g. HEAD:6379, or 'auto'); default: start a local one")
+
+
+def _ray_threads(args) -> int:
+    """Torch threads of each Ray replica or worker, and the CPUs it asks the cluster for."""
+    threads = 1 if args.threads is None else args.threads
+    if threads < 1:
+        raise GemmarunError(f"--threads must be >= 1, got {threads}")
+    return threads
+
+
+def cmd_batch(args) -> int:
+    from .batch import read_lines, run_batch
+
+    read_lines(args.input)  # a malformed input fails before the (slow) load
+    if args.ray:
+        from .distributed.data import run_batch_on_ray
+
+        s = run_batch_on_ray(_load_kwargs(args), args.input, args.output, workers=args.workers, threads=_ray_threads(args),
+                             address=args.ray_address, max_batch=args.max_batch, model_id=args.served_model_name,
+                             progress=not args.quiet)  # fmt: skip
+    else:
+        s = run_batch(
+            _load(args), args.input, args.output, max_batch=args.max_batch, model_id=args.served_model_name, progress=not args.quiet
+        )
+    print(f"{args.output}: {s.completed} lines answered, {s.failed} with errors, {s.skipped} already done ({s.total} in all)")
     return 0
 
 
@@ -172,9 +216,15 @@ def cmd_eval(args) -> int:
     if len(tasks) > 1 and args.data is not None:
         raise GemmarunError("--data names one task's data; run one task at a time with it")
     lm = _load(args)
+    scorer = None
+    if args.ray:
+        from .distributed.eval import ray_scorer
+
+        scorer = ray_scorer(lm, _load_kwargs(args), workers=args.workers, threads=_ray_threads(args), address=args.ray_address)
     results = []
     for task in tasks:
-        results.append(evaluate(lm, task, shots=args.shots, limit=args.limit, data=args.data, seed=args.seed, progress=not args.quiet))
+        results.append(evaluate(lm, task, shots=args.shots, limit=args.limit, data=args.data, seed=args.seed, progress=not args.quiet,
+                                scorer=scorer))  # fmt: skip
         print(markdown(results[-1:]), flush=True)
     if len(results) > 1:
         print("\n" + markdown(results))
@@ -235,8 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix-cache-mb", type=float, default=1024,
                    help="memory for cached prompt prefixes reused across requests (default 1024; 0 = off)")  # fmt: skip
     s.add_argument("--metrics-key", help="require 'Authorization: Bearer KEY' on /metrics (default: the --api-key)")
+    s.add_argument("--data-dir", help="keep the Batch API's files and batches here, resumed on restart (default: a temporary folder)")
+    _add_ray_args(s, "Ray Serve, one engine per replica behind one endpoint")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: engines serving the endpoint (default 1)")
     _add_model_args(s)
     s.set_defaults(func=cmd_serve)
+
+    bt = sub.add_parser("batch", help="answer a file of OpenAI batch lines (resumable), here or on a Ray cluster")
+    bt.add_argument("input", metavar="INPUT", help="JSON lines: custom_id, method, url (/v1/chat/completions or /v1/completions), body")
+    bt.add_argument("output", metavar="OUTPUT", help="OpenAI batch output lines; lines already there are not redone")
+    bt.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per engine (default 8)")
+    bt.add_argument("--served-model-name", help="model id in the responses (default: the folder or file name)")
+    bt.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_ray_args(bt, "Ray Data, an actor pool of engines")
+    bt.add_argument("--workers", type=int, default=2, help="with --ray: engines in the pool (default 2)")
+    _add_model_args(bt)
+    bt.set_defaults(func=cmd_batch)
 
     e = sub.add_parser("eval", help="run a model card benchmark (PIQA, ARC, MMLU, HumanEval, ...)")
     e.add_argument("--task", action="append", required=True,
@@ -249,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draw")
     e.add_argument("--output", "-o", help="write the results as JSON to this file")
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_ray_args(e, "items sharded across workers, scores identical to one process")
+    e.add_argument("--workers", type=int, default=2, help="with --ray: scoring workers (default 2)")
     _add_model_args(e)
     e.set_defaults(func=cmd_eval)
 

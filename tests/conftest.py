@@ -95,3 +95,18 @@ def tok(tiny_spm):
     from gemmarun.tokenizer import Tokenizer
 
     return Tokenizer.from_file(tiny_spm)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every Ray test of the session (starting one takes seconds), stopped at
+    the end; skipped with a reason when the `ray` extra is not installed. 4 logical CPUs on any
+    machine: two Serve replicas and then two Ray Data workers of one CPU each, with room to spare."""
+    ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install 'gemmarun[ray]')")
+    # Workers are new processes: they must import this tree's gemmarun, as the tests do.
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "GEMMARUN_PREFILL": os.environ["GEMMARUN_PREFILL"]}})  # fmt: skip
+    yield ray
+    ray.shutdown()

@@ -54,6 +54,22 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 Progress = Callable[[int], None]  # called with the number of items just finished
 
 
+def prefix_plan(order: Sequence[Sequence[int]], min_shared: int) -> list[tuple[bool, int]]:
+    """For each context of `order` (sorted), (new, shared): whether its scoring starts a new prefix
+    cache there, of `shared` tokens (0: none), or extends the current one. Decided from the tokens
+    alone, so a sharded run (gemmarun/distributed/eval.py) can cut only where it changes nothing."""
+    plan, current = [], None
+    for g, ctx in enumerate(order):
+        if current is None or len(current) >= len(ctx) or list(ctx[: len(current)]) != current:
+            shared = _common_prefix(ctx, order[g + 1]) if g + 1 < len(order) else 0
+            shared = min(shared, len(ctx) - 1)
+            current = list(ctx[:shared]) if shared >= min_shared else None
+            plan.append((True, shared if current is not None else 0))
+        else:
+            plan.append((False, len(current)))
+    return plan
+
+
 class Scorer:
     """Scores (context, continuation) pairs and decodes prompts greedily for one LanguageModel."""
 
@@ -87,8 +103,34 @@ class Scorer:
         pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
         return self.loglikelihood_ids(pairs, progress)
 
-    def loglikelihood_ids(self, pairs: Sequence[tuple[list[int], list[int]]], progress: Progress | None = None) -> list[LogLikelihood]:
-        """Like loglikelihood() on token ids; each context must start with BOS."""
+    def loglikelihood_ids(self, pairs: Sequence[tuple[list[int], list[int]]], progress: Progress | None = None,
+                          size: int | None = None) -> list[LogLikelihood]:  # fmt: skip
+        """Like loglikelihood() on token ids; each context must start with BOS. `size`: the cache's
+        tokens (default: the longest pair), given by a shard so it computes what the whole would."""
+        fitted = self.fit(pairs)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(fitted):
+            groups.setdefault(tuple(ctx), []).append(i)
+        # Lexicographic order puts contexts with long common prefixes next to each other.
+        order = sorted(groups)
+        size = size or max(len(c) + len(k) for c, k in fitted)
+        out: list[LogLikelihood | None] = [None] * len(fitted)
+        prefix: _State | None = None
+        with torch.inference_mode():
+            for g, (new, shared) in enumerate(prefix_plan(order, self.min_shared)):
+                ctx = list(order[g])
+                if new:
+                    prefix = self._extend(None, ctx[:shared], size) if shared else None
+                state = self._extend(prefix, ctx, size)
+                rows = groups[order[g]]
+                for i, ll in zip(rows, self._continuations(state, [fitted[i][1] for i in rows])):
+                    out[i] = ll
+                if progress:
+                    progress(len(rows))
+        return out  # type: ignore[return-value]
+
+    def fit(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+        """Each (context, continuation) cut to the context length: the oldest context tokens go, never BOS."""
         limit = self.lm.context
         fitted = []
         for ctx, cont in pairs:
@@ -100,28 +142,7 @@ class Scorer:
             if over > 0:  # drop the oldest context tokens, never BOS
                 ctx = ctx[:1] + ctx[1 + over :]
             fitted.append((list(ctx), list(cont)))
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, _) in enumerate(fitted):
-            groups.setdefault(tuple(ctx), []).append(i)
-        # Lexicographic order puts contexts with long common prefixes next to each other.
-        order = sorted(groups)
-        size = max(len(c) + len(k) for c, k in fitted)
-        out: list[LogLikelihood | None] = [None] * len(fitted)
-        prefix: _State | None = None
-        with torch.inference_mode():
-            for g, ctx in enumerate(order):
-                ctx = list(ctx)
-                if prefix is None or len(prefix.ids) >= len(ctx) or ctx[: len(prefix.ids)] != prefix.ids:
-                    shared = _common_prefix(ctx, order[g + 1]) if g + 1 < len(order) else 0
-                    shared = min(shared, len(ctx) - 1)
-                    prefix = self._extend(None, ctx[:shared], size) if shared >= self.min_shared else None
-                state = self._extend(prefix, ctx, size)
-                rows = groups[tuple(ctx)]
-                for i, ll in zip(rows, self._continuations(state, [fitted[i][1] for i in rows])):
-                    out[i] = ll
-                if progress:
-                    progress(len(rows))
-        return out  # type: ignore[return-value]
+        return fitted
 
     def _extend(self, base: _State | None, ids: list[int], size: int) -> _State:
         """A new state holding `ids`, which start with base's ids; base is left untouched."""

@@ -27,6 +27,8 @@ from ..errors import GemmarunError, InvalidParameterError
 from .sampling import SamplingParams
 from .sequence import GenerationResult, SequenceState
 
+BATCH_PRIORITY = 10  # batch lines: admitted only when no live request waits
+
 
 class EngineBusyError(GemmarunError):
     """The waiting queue is full; the server answers 503 and the client should retry later."""
@@ -43,6 +45,7 @@ class Request:
     logprobs: int | None = None  # report each sampled token's logprob and this many alternatives; None = off
     prompt_logprobs: bool = False  # also score the prompt's tokens (completions with echo + logprobs)
     seed_offset: int = 0  # the n choices of one API request draw from seed, seed + 1, ...
+    priority: int = 0  # lower is admitted first; FIFO within a priority (the Batch API's lines use BATCH_PRIORITY)
 
 
 @dataclass
@@ -218,7 +221,8 @@ class Scheduler:
                 if not self.waiting:
                     break
                 if slot is None:
-                    h = self.waiting.popleft()
+                    h = min(self.waiting, key=lambda w: w.request.priority)  # the first of the most urgent
+                    self.waiting.remove(h)
                     self.slots[i] = Slot(h, i, next(self._order), torch.tensor(h.request.prompt, dtype=torch.long))
             self.lock.notify_all()  # room in the queue for blocked submitters
             return [s for s in self.slots if s is not None]

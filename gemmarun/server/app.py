@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, InvalidParameterError
 from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
+from .batch_routes import BatchService, batch_router
 from .metrics import Metrics, RequestCounter
 from .requests import Parsed, json_body, parse_chat, parse_completion
 from .responses import APIError, ResponseWriter, engine_failure
@@ -40,7 +41,7 @@ class Server:
     """The FastAPI app and what its handlers share: the engine, the tokenizer, the model id."""
 
     def __init__(self, lm, engine: Engine, model_id: str | None = None, api_key: str | None = None,
-                 metrics_key: str | None = None):  # fmt: skip
+                 metrics_key: str | None = None, data_dir=None):  # fmt: skip
         self.lm, self.engine, self.tokenizer = lm, engine, lm.tokenizer
         self.model_id = model_id or model_id_for(lm.source)
         self.api_key = api_key
@@ -48,7 +49,12 @@ class Server:
         self.metrics = Metrics(engine)
         self.created = int(time.time())
         self.writer = ResponseWriter(self.tokenizer, self.model_id)
+        self.batches = BatchService(self, data_dir)  # /v1/files and /v1/batches; state under data_dir
         self.app = self._build_app()
+
+    def close(self) -> None:
+        """Stop the Batch API's worker (its batches resume when a server starts on the same data_dir)."""
+        self.batches.close()
 
     # -- running -------------------------------------------------------------------------------
 
@@ -138,6 +144,7 @@ class Server:
         async def page():
             return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
+        v1.include_router(batch_router(server.batches))
         app.include_router(v1)
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
         app.add_middleware(RequestCounter, metrics=self.metrics)
@@ -204,11 +211,15 @@ SERVE_PREFIX_CACHE_MB = 1024  # default prefix-cache memory: a few long conversa
 def serve(lm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_waiting: int = 64, model_id: str | None = None, context: int | None = None,
           log_level: str = "info", prefix_cache_mb: float = SERVE_PREFIX_CACHE_MB,
-          metrics_key: str | None = None) -> None:  # fmt: skip
-    """Run the server until interrupted. `context` defaults to the model's, capped at 8192."""
+          metrics_key: str | None = None, data_dir=None) -> None:  # fmt: skip
+    """Run the server until interrupted. `context` defaults to the model's, capped at 8192; the Batch
+    API keeps its files and batches under `data_dir` (a temporary folder if None)."""
     import uvicorn
 
     context = context or min(lm.context, SERVE_CONTEXT)
     with Engine(lm, max_batch=max_batch, max_waiting=max_waiting, context=context, prefix_cache_mb=prefix_cache_mb) as engine:
-        server = Server(lm, engine, model_id, api_key, metrics_key)
-        uvicorn.run(server.app, host=host, port=port, log_level=log_level)
+        server = Server(lm, engine, model_id, api_key, metrics_key, data_dir)
+        try:
+            uvicorn.run(server.app, host=host, port=port, log_level=log_level)
+        finally:
+            server.close()
