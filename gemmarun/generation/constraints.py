@@ -31,8 +31,8 @@ import torch
 
 from ..errors import InvalidParameterError
 
-KINDS = ("json_schema", "json_object", "regex", "lark")
-_WHAT = {"json_schema": "JSON schema", "json_object": "JSON object", "regex": "regex", "lark": "Lark grammar"}
+KINDS = ("json_schema", "json_object", "regex", "lark", "gbnf")
+_WHAT = {"json_schema": "JSON schema", "json_object": "JSON object", "regex": "regex", "lark": "Lark grammar", "gbnf": "GBNF grammar"}
 # Any JSON object (OpenAI's json_object): an object schema with no other restriction.
 _ANY_OBJECT = '{"type": "object"}'
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -40,7 +40,7 @@ _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_sepa
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the output must match. Build with json_schema / json_object / regex / lark."""
+    """What the output must match. Build with json_schema / json_object / regex / lark / gbnf."""
 
     kind: str
     source: str  # the schema as JSON text, the regex, or the Lark grammar
@@ -77,6 +77,11 @@ class Constraint:
     def lark(cls, grammar: str) -> Constraint:
         return cls("lark", grammar)
 
+    @classmethod
+    def gbnf(cls, grammar: str) -> Constraint:
+        """A llama.cpp GBNF grammar, translated to Lark by llguidance's converter."""
+        return cls("gbnf", grammar)
+
     @cached_property
     def grammar(self) -> str:
         """The llguidance grammar (its JSON form)."""
@@ -87,6 +92,13 @@ class Constraint:
             return m.grammar_from_regex(self.source)
         if self.kind == "lark":
             return m.grammar_from_lark(self.source)
+        if self.kind == "gbnf":
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
+            try:
+                return m.grammar_from_lark(gbnf_to_lark(self.source))
+            except Exception as e:  # the converter raises its own error types (and ValueError, KeyError)
+                raise InvalidParameterError(f"invalid GBNF grammar: {_first_lines(str(e))}") from None
         # Compact JSON with OpenAI's ", " and ": ": free whitespace lets a model pad its reply with
         # newlines to the length limit (a random test model did, every time). A schema's own
         # "x-guidance" options override these.
