@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -148,3 +150,34 @@ def test_bad_grammar_is_a_one_line_error_with_the_library_reason(constraint, wor
     with pytest.raises(InvalidParameterError) as e:
         SamplingParams(constraint=constraint())
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_generate_and_chat_constrained(lm, tmp_path, capsys):
+    from gemmarun.cli import main
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(SCHEMA))
+    base = ["--model", lm.source, "-t", "1", "--seed", "0", "-n", "160"]
+    assert main(["generate", "Tell me about a person", "--json-schema", str(schema), *base]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMA)
+    grammar = tmp_path / "answer.gbnf"
+    grammar.write_text('root ::= ("yes" | "no") " " [0-9]')
+    assert main(["generate", "x", "--grammar", str(grammar), *base]) == 0
+    assert re.fullmatch(r"(yes|no) [0-9]\n", capsys.readouterr().out)
+    chat = [sys.executable, "-m", "gemmarun.cli", "chat", "--regex", "[a-c]{2}", *base]
+    r = subprocess.run(chat, input="first\nsecond\n", capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(r"[a-c]{2}\n[a-c]{2}\n", r.stdout)
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [(["--regex", "a(b"], "unclosed group"), (["--json-schema", "/nonexistent.json"], "cannot read"),
+     (["--grammar", "/dev/null"], "non-empty")],
+)  # fmt: skip
+def test_cli_bad_constraint_is_one_line(lm, capsys, flags, words):
+    from gemmarun.cli import main
+
+    code = main(["generate", "x", "--model", lm.source, *flags])
+    err = capsys.readouterr().err
+    assert code != 0 and words in err and err.strip().count("\n") <= 1
