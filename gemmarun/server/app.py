@@ -18,6 +18,7 @@ from ..errors import ContextLengthError, InvalidParameterError
 from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
 from .requests import Parsed, json_body, parse_chat, parse_completion
 from .responses import APIError, ResponseWriter, engine_failure
+from .structured import warm_token_table
 
 STATIC = Path(__file__).parent / "static"
 # The page loads only its own files and talks only to this server; model text can never run as script.
@@ -45,6 +46,7 @@ class Server:
         self.created = int(time.time())
         self.writer = ResponseWriter(self.tokenizer, self.model_id)
         self.app = self._build_app()
+        warm_token_table(lm)  # for response_format and tools
 
     # -- running -------------------------------------------------------------------------------
 
