@@ -181,3 +181,23 @@ def test_cli_bad_constraint_is_one_line(lm, capsys, flags, words):
     code = main(["generate", "x", "--model", lm.source, *flags])
     err = capsys.readouterr().err
     assert code != 0 and words in err and err.strip().count("\n") <= 1
+
+
+def test_token_bytes_spell_the_text(tok, tiny_spm):
+    """What llguidance needs of the table: the bytes of an encoding's ids, joined, are the text;
+    special ids are marked, never text. SentencePiece and the same vocabulary through GGUF fields."""
+    from test_tokenizer_gguf import _gguf_fields_from_spm
+
+    from gemmarun.tokenizer import Tokenizer
+
+    from tokenizer_cases import HARD
+
+    for t in (tok, Tokenizer.from_gguf_fields(_gguf_fields_from_spm(tiny_spm))):
+        table = t.token_bytes()
+        assert len(table) == t.vocab_size
+        for text in HARD:
+            ids = t.encode(text, add_bos=False)
+            if not set(ids) & t._special_ids:
+                assert b"".join(table[i] for i in ids) == text.encode("utf-8"), text
+        assert all(table[i].startswith(b"\xff") for i in t._special_ids)
+        assert table[t.token_to_id("<end_of_turn>")] == b"\xff<end_of_turn>"
