@@ -8,6 +8,7 @@ from .errors import (
     InvalidParameterError,
     ModelNotFoundError,
 )
+from .generation.constraints import Constraint
 from .generation.sampling import SamplingParams
 from .generation.sequence import GenerationResult
 from .lm import LanguageModel, TextGenerationPipeline, load, pipeline
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GemmaConfig", "PRESETS", "LanguageModel", "TextGenerationPipeline", "GenerationResult", "SamplingParams",
-    "load", "pipeline", "GemmarunError", "CheckpointError", "ConfigError", "ContextLengthError",
+    "Constraint", "load", "pipeline", "GemmarunError", "CheckpointError", "ConfigError", "ContextLengthError",
     "InvalidParameterError", "ModelNotFoundError",
 ]  # fmt: skip

@@ -35,6 +35,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="decode exactly --max-new-tokens tokens")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="the output is JSON matching this JSON schema file")
+    shape.add_argument("--json", action="store_true", help="the output is a JSON object")
+    shape.add_argument("--grammar", metavar="FILE", help="the output matches this Lark grammar file (.gbnf: llama.cpp's GBNF)")
+    shape.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
 
 
 def _sampling(args):
@@ -50,6 +55,7 @@ def _sampling(args):
         seed=args.seed,
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
+        constraint=_constraint(args),
     )
 
 
@@ -58,6 +64,28 @@ def _load_kwargs(args) -> dict:
     return dict(source=args.model, dtype=args.dtype, device=args.device, context=args.context, quantize=args.quantize,
                 group_size=args.group_size, compile=getattr(args, "compile", False), cache_dtype=args.cache_dtype,
                 **getattr(args, "calibration_kwargs", {}))  # fmt: skip
+
+
+def _constraint(args):
+    """--json-schema / --json / --grammar / --regex as a Constraint (checked by llguidance), or None."""
+    from pathlib import Path
+
+    from .generation.constraints import Constraint
+
+    if args.regex is not None:
+        return Constraint.regex(args.regex)
+    if args.json:
+        return Constraint.json_object()
+    path = args.json_schema or args.grammar
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GemmarunError(f"cannot read {path}: {e}") from None
+    if args.grammar is not None:
+        return Constraint.gbnf(text) if path.endswith(".gbnf") else Constraint.lark(text)
+    return Constraint.json_schema(text)
 
 
 def _load(args):

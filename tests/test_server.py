@@ -174,8 +174,8 @@ def _post(server, path, body, **kw):
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages", "non-empty"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages",
          "role"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}}, 400,
-         "response_format", "not supported"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "response_format": {"type": "json_schema", "json_schema":
+         {"name": "x", "schema": {"type": "objectx"}}}}, 400, "response_format", "Invalid type"),
         ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", "logprobs"),
         ("/v1/chat/completions", {"model": "nope", "messages": CHAT}, 404, "model", "does not exist"),
     ],

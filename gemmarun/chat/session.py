@@ -62,7 +62,7 @@ class ChatSession:
         unfed = None  # a sampled reply token whose keys and values are not in the cache yet
         try:
             while True:
-                token = sample_one(logits, seq.params, torch.tensor(seq.prompt), torch.tensor(seq.ids), seq.generator)
+                token = sample_one(logits, seq.params, torch.tensor(seq.prompt), torch.tensor(seq.ids), seq.generator, seq.grammar)
                 unfed = None if token in seq.stop_ids else token  # the next turn's text closes the turn itself
                 piece = seq.add(token)
                 if piece:

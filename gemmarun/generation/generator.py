@@ -80,7 +80,7 @@ class Generator:
                 if s.finish_reason is not None:
                     next_ids.append(None)  # finished rows idle as padding
                     continue
-                tok = sample_one(logits[i], s.params, prompts[i], s.ids, s.generator)
+                tok = sample_one(logits[i], s.params, prompts[i], s.ids, s.generator, s.grammar)
                 piece = s.add(tok)
                 events.append(TextEvent(index=i, text=piece, token_id=tok, finish_reason=s.finish_reason))
                 next_ids.append(tok)

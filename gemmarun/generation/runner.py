@@ -151,7 +151,7 @@ class ModelRunner:
 
     def _sample(self, s: Slot, logits: torch.Tensor) -> Event:
         seq, req = s.handle.seq, s.handle.request
-        token = sample_one(logits, seq.params, s.prompt_t, torch.tensor(seq.ids, dtype=torch.long), seq.generator)
+        token = sample_one(logits, seq.params, s.prompt_t, torch.tensor(seq.ids, dtype=torch.long), seq.generator, seq.grammar)
         lp = logprob(logits, token, req.logprobs) if req.logprobs is not None else None
         first = not seq.ids
         piece = seq.add(token)

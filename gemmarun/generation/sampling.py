@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidParameterError
+from .constraints import Constraint
 
 # Below this, temperature decodes greedily: float32 logits divided by a smaller one overflow to inf
 # (1e-38 did), and softmax of inf is NaN, which samples noise from the end of the vocabulary.
@@ -32,6 +33,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, cut from the text
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # on top of the model's eos ids
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
+    constraint: Constraint | None = None  # a JSON schema, JSON object, regex or Lark grammar the output matches
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -67,6 +69,10 @@ class SamplingParams:
             bad(f"seed must be a 64-bit integer (from -2**63 to 2**64 - 1), got one of {self.seed.bit_length()} bits")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop strings must be non-empty strings")
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                bad(f"constraint must be a Constraint (Constraint.json_schema(...), ...), got {type(self.constraint).__name__}")
+            self.constraint.check()
 
     @property
     def has_penalties(self) -> bool:
@@ -138,8 +144,12 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs if ids is None else torch.zeros_like(logits).scatter_(-1, ids, probs)
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen, gen: torch.Generator | None) -> int:
-    """One token id from one row of float32 logits (V,); `seen` lists the ids generated so far."""
+def sample_one(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen, gen: torch.Generator | None,
+               grammar=None) -> int:  # fmt: skip
+    """One token id from one row of float32 logits (V,); `seen` lists the ids generated so far;
+    `grammar` (the sequence's GrammarState) forbids what the constraint does not allow, first."""
+    if grammar is not None:
+        logits = grammar.mask(logits)
     if params.has_penalties:
         logits = apply_penalties(logits, params, prompt, torch.as_tensor(seen, dtype=torch.long))
     if params.greedy:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import core
+from .constraints import GrammarState
 from .sampling import SamplingParams
 
 
@@ -48,6 +49,7 @@ class SequenceState:
     text: str = ""
     emitted: int = 0
     finish_reason: str | None = None
+    grammar: GrammarState | None = None  # the constraint's matcher, when params has one
 
     def add(self, token: int) -> str:
         """Take one sampled token; return the text that became safe to show."""
@@ -57,8 +59,9 @@ class SequenceState:
             self.text += self.decoder.flush()
         else:
             self.text += self.decoder.push(token)
-            if len(self.ids) >= self.max_new:
-                self.finish_reason = "length"
+            done = self.grammar is not None and self.grammar.advance(token)  # the grammar admits nothing more
+            if done or len(self.ids) >= self.max_new:
+                self.finish_reason = "stop" if done else "length"
                 self.text += self.decoder.flush()
         cut = self._find_stop()
         if cut is not None:
@@ -104,6 +107,9 @@ def new_sequence(model, tokenizer, context: int, prompt: Sequence[int], params: 
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos:
         stop_ids |= set(tokenizer.stop_ids)
+    grammar = None
+    if params.constraint is not None:
+        grammar = GrammarState(params.constraint, tokenizer, model.config.vocab_size, stop_ids)
     return SequenceState(
         prompt=list(prompt),
         params=params,
@@ -111,4 +117,5 @@ def new_sequence(model, tokenizer, context: int, prompt: Sequence[int], params: 
         stop_ids=frozenset(stop_ids),
         decoder=tokenizer.stream_decoder(),
         generator=params.make_generator(seed_offset),
+        grammar=grammar,
     )

@@ -20,6 +20,7 @@ from .batch_routes import BatchService, batch_router
 from .metrics import Metrics, RequestCounter
 from .requests import Parsed, json_body, parse_chat, parse_completion
 from .responses import APIError, ResponseWriter, engine_failure
+from .structured import warm_token_table
 
 STATIC = Path(__file__).parent / "static"
 # The page loads only its own files and talks only to this server; model text can never run as script.
@@ -51,6 +52,7 @@ class Server:
         self.writer = ResponseWriter(self.tokenizer, self.model_id)
         self.batches = BatchService(self, data_dir)  # /v1/files and /v1/batches; state under data_dir
         self.app = self._build_app()
+        warm_token_table(lm)  # for response_format and tools
 
     def close(self) -> None:
         """Stop the Batch API's worker (its batches resume when a server starts on the same data_dir)."""

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..chat import render_messages
+from ..chat.tools import ToolChoice, render_history
 from ..errors import InvalidParameterError
 from ..generation.engine import Request
 from ..generation.sampling import SamplingParams
 from .responses import APIError
+from .structured import chat_tools, request_constraint
 
 if TYPE_CHECKING:
     from fastapi import Request as HTTPRequest
@@ -62,9 +64,10 @@ class Parsed:
     logprobs: int | None  # alternatives per token; None = no logprobs
     echo: bool = False
     requests: list[Request] = field(default_factory=list)
+    tools: ToolChoice | None = None  # the functions a chat reply may call
 
 
-def _common(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int, bool, bool]:
+def _common(body: dict, default_max_tokens: int, tools: ToolChoice | None = None) -> tuple[SamplingParams, int, bool, bool]:
     """Sampling parameters, n, stream and include_usage, shared by both endpoints."""
     max_tokens = _get(body, "max_completion_tokens", "integer")  # chat's newer name
     if max_tokens is None:
@@ -88,9 +91,8 @@ def _common(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int, b
     stream = _get(body, "stream", "boolean", False)
     options = _get(body, "stream_options", "object", {})
     include_usage = _get(options, "include_usage", "boolean", False)
-    fmt = _get(body, "response_format", "object", {"type": "text"})
-    _check(fmt.get("type") == "text", "response_format", "type json_object/json_schema is not supported by gemmarun yet; use 'text'")
-    for name in ("logit_bias", "tools", "functions", "suffix"):
+    constraint = request_constraint(body, tools)
+    for name in ("logit_bias", "functions", "suffix"):
         _check(not body.get(name), name, "is not supported by gemmarun")
     best_of = _get(body, "best_of", "integer", n)
     _check(best_of == n, "best_of", "other than n is not supported by gemmarun")
@@ -108,6 +110,7 @@ def _common(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int, b
             stop=tuple(stop),
             stop_token_ids=tuple(stop_ids),
             ignore_eos=_get(body, "ignore_eos", "boolean", False),
+            constraint=constraint,
         )
     except InvalidParameterError as e:
         field_name = str(e).split()[0]
@@ -131,6 +134,7 @@ def check_model(body: dict, model_id: str) -> None:
 def parse_completion(body: dict, tokenizer, model_id: str) -> Parsed:
     """A /v1/completions body: prompts as text, token ids or lists of either."""
     check_model(body, model_id)
+    _check(not body.get("tools"), "tools", "apply to /v1/chat/completions only")
     params, n, stream, include_usage = _common(body, default_max_tokens=16)  # OpenAI's default
     prompt = body.get("prompt")
     vocab = tokenizer.vocab_size
@@ -161,11 +165,12 @@ def parse_chat(body: dict, tokenizer, model_id: str, context: int) -> Parsed:
     """A /v1/chat/completions body, its messages rendered as Gemma turns; max_tokens defaults to
     `context`, the engine's tokens per row."""
     check_model(body, model_id)
-    params, n, stream, include_usage = _common(body, default_max_tokens=context)
+    tools = chat_tools(body)
+    params, n, stream, include_usage = _common(body, default_max_tokens=context, tools=tools)
     messages = body.get("messages")
     _check(isinstance(messages, list) and len(messages) > 0, "messages", "must be a non-empty list of messages")
     try:
-        text = render_messages(tokenizer, messages)
+        text = render_messages(tokenizer, render_history(messages, tools))
     except InvalidParameterError as e:
         raise APIError(400, str(e), param="messages") from None
     want = _get(body, "logprobs", "boolean", False)
@@ -174,7 +179,7 @@ def parse_chat(body: dict, tokenizer, model_id: str, context: int) -> Parsed:
     _check(top is None or want, "top_logprobs", "needs 'logprobs': true")
     logprobs = (top or 0) if want else None
     prompt = tokenizer.encode(text)
-    parsed = Parsed([prompt], [text], params, n, stream, include_usage, logprobs)
+    parsed = Parsed([prompt], [text], params, n, stream, include_usage, logprobs, tools=tools)
     parsed.requests = [Request(prompt, params, logprobs, seed_offset=j) for j in range(n)]
     return parsed
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
 
+from ..chat.tools import CallReader
 from ..generation.engine import EngineClosedError, Event, Handle, TokenLogprob
 
 if TYPE_CHECKING:
@@ -95,6 +96,8 @@ class ResponseWriter:
                 choice = {"index": i, "message": {"role": "assistant", "content": result.text},
                           "logprobs": self.chat_logprobs(lps) if parsed.logprobs is not None else None,
                           "finish_reason": result.finish_reason}  # fmt: skip
+                if parsed.tools is not None and parsed.tools.calls:
+                    _tool_message(choice, result.text)
             else:
                 prompt_text = parsed.prompt_texts[i // parsed.n]
                 text = (prompt_text if parsed.echo else "") + result.text
@@ -136,6 +139,7 @@ class ResponseWriter:
 
         offsets = [0] * len(handles)
         started = [False] * len(handles)
+        readers = [CallReader() for _ in handles] if chat and parsed.tools is not None and parsed.tools.calls else None
         try:
             for i in range(len(handles)):
                 if chat:
@@ -159,8 +163,16 @@ class ResponseWriter:
                 finish = event.result.finish_reason if event.result is not None else None
                 if event.last:
                     completion_tokens += event.result.completion_tokens
+                if chat and readers is not None:
+                    text, calls = readers[i].feed(text)
+                    if not text and not calls and not lps and not event.last:
+                        continue
+                    if finish == "stop" and readers[i].finished_calls():
+                        finish = "tool_calls"
                 if chat:
                     delta = {"content": text} if text else {}
+                    if readers is not None and calls:
+                        delta["tool_calls"] = calls
                     logprobs = self.chat_logprobs(lps) if parsed.logprobs is not None else None
                     yield chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
                 else:
@@ -180,3 +192,13 @@ class ResponseWriter:
             # Also reached when the client disconnects mid-stream: free the rows at once.
             for h in handles:
                 h.cancel()
+
+
+def _tool_message(choice: dict, text: str) -> None:
+    """A chat choice whose reply is one or more tool calls: message.tool_calls, finish_reason tool_calls."""
+    reader = CallReader()
+    reader.feed(text)
+    calls = reader.finished_calls()
+    if calls and choice["finish_reason"] == "stop":
+        choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+        choice["finish_reason"] = "tool_calls"

@@ -27,6 +27,9 @@ class _SentencePieceEngine:
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
 
+    def pieces(self) -> list[str]:
+        return self.sp.id_to_piece(list(range(self.size)))  # one call: 262k pieces in tens of ms
+
     def piece_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
         # piece_to_id answers unk_id for any unknown piece
@@ -48,6 +51,9 @@ class _HFTokenizersEngine:
 
     def piece(self, i: int) -> str:
         return self.tok.id_to_token(i)
+
+    def pieces(self) -> list[str]:
+        return [self.tok.id_to_token(i) or "" for i in range(self.size)]
 
     def piece_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)

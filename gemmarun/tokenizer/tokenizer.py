@@ -5,6 +5,7 @@ or a GGUF vocabulary; special-token text mapped to single ids, BOS exactly once 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from .chat_turns import END_OF_TURN, START_OF_TURN, _chat_turns
 from .splitter import _SpecialSplitter
 from .spm_proto import _sentencepiece_proto
 from .stream import StreamDecoder, _as_ids
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # byte fallback
+_TAG_PIECE = re.compile(r"<[^<>\s]+>")  # <start_of_image>, <unused3>, <mask>: never text a grammar should spell with them
 
 # SentencePiece piece types; GGUF's tokenizer.ggml.token_type uses the same numbers.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -223,6 +227,20 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._engine.piece(self._check_id(i))
+
+    def token_bytes(self) -> list[bytes]:
+        """Every id's bytes as decoding writes them (what a grammar over bytes needs): "▁" as a
+        space, a byte-fallback piece as its byte, and special pieces, or any other `<tag>` piece, as
+        b"\\xff" + the piece, which no text contains (llguidance's mark of a special token)."""
+        out = []
+        for i, piece in enumerate(self._engine.pieces()):
+            if (byte := _BYTE_PIECE.fullmatch(piece)) is not None:
+                out.append(bytes([int(byte.group(1), 16)]))
+            elif i in self._special_ids or _TAG_PIECE.fullmatch(piece):
+                out.append(b"\xff" + piece.encode("utf-8"))
+            else:
+                out.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return out
 
     def _check_id(self, i) -> int:
         i = int(i)
