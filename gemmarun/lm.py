@@ -46,14 +46,24 @@ class LanguageModel:
     def speculator(self, speculate: str | SpeculativeConfig | None = None) -> Speculator | None:
         """The Speculator for `speculate` ("ngram", "model", "off", a SpeculativeConfig; None: the
         loaded default), one per setting so its totals (rounds, drafted, accepted) add up."""
-        config = self.speculation if speculate is None else speculate
-        if isinstance(config, str):
-            config = SpeculativeConfig(config, self.speculation.draft_tokens, self.speculation.ngram)
+        config = self._speculation(speculate)
         if not config.on:
             return None
         if config not in self._speculators:
-            self._speculators[config] = Speculator(config, self.draft.model if self.draft is not None else None, self.model)
+            self._speculators[config] = self.new_speculator(config)
         return self._speculators[config]
+
+    def new_speculator(self, speculate: str | SpeculativeConfig | None = None) -> Speculator | None:
+        """A Speculator of its own (the engine's thread keeps one), or None when speculation is off."""
+        config = self._speculation(speculate)
+        return Speculator(config, self.draft.model if self.draft is not None else None, self.model) if config.on else None
+
+    def _speculation(self, speculate: str | SpeculativeConfig | None) -> SpeculativeConfig:
+        if speculate is None:
+            return self.speculation
+        if isinstance(speculate, str):
+            return SpeculativeConfig(speculate, self.speculation.draft_tokens, self.speculation.ngram)
+        return speculate
 
     def __repr__(self) -> str:
         c = self.config
@@ -145,6 +155,8 @@ def load(
     "model" (the draft; the default when one is given) or "off" (the default otherwise);
     draft_tokens: drafts per round at most (generation/speculative.py)."""
     spec = _speculation(speculate, draft, draft_tokens)
+    if compile and spec.on:
+        raise InvalidParameterError("compile traces one-token decoding steps, speculation verifies several: choose one")
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype, device)
     cache_dtype = None if cache_dtype in (None, "auto") else parse_dtype(cache_dtype, device, "cache_dtype")

@@ -38,7 +38,8 @@ class Engine:
     lock); the engine's thread alone runs the model and writes the runner's state. `steps` and
     `tokens` are written under the scheduler's lock."""
 
-    def __init__(self, lm, max_batch: int = 8, max_waiting: int = 64, context: int | None = None, prefill_chunk: int | None = None):
+    def __init__(self, lm, max_batch: int = 8, max_waiting: int = 64, context: int | None = None, prefill_chunk: int | None = None,
+                 speculate=None):  # fmt: skip
         if not isinstance(max_batch, int) or max_batch < 1:
             raise InvalidParameterError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(max_waiting, int) or max_waiting < 0:
@@ -46,7 +47,10 @@ class Engine:
         self.model, self.tokenizer = lm.model, lm.tokenizer
         self.context = min(context or lm.context, lm.context)
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.runner = ModelRunner(lm.model, max_batch, self.context, prefill_chunk)
+        # speculate: "ngram", "model", "off", a SpeculativeConfig, or None for what load() set; the
+        # engine's own Speculator (its rounds' state is the engine thread's)
+        self.speculator = lm.new_speculator(speculate)
+        self.runner = ModelRunner(lm.model, max_batch, self.context, prefill_chunk, self.speculator)
         self.prefill_chunk = self.runner.prefill_chunk
         self.cache = self.runner.cache
         self.scheduler = Scheduler(max_batch, max_waiting, self.runner.release)

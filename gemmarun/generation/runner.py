@@ -15,12 +15,18 @@ from ..model.cache import KVCache
 from . import core
 from .sampling import sample_one
 from .scheduler import Event, Slot, TokenLogprob
+from .speculative import RowState, SpecRow, Speculator, decode_round, ring_extra
 
 
 class ModelRunner:
-    def __init__(self, model, max_batch: int, context: int, prefill_chunk: int | None = None):
+    def __init__(self, model, max_batch: int, context: int, prefill_chunk: int | None = None, speculator: Speculator | None = None):
         self.model = model
-        self.cache = KVCache.for_model(model, max_batch, context)
+        # Speculating, every row's decoding step is a speculative round (per-row drafts, one verify
+        # forward); the sliding rings keep the spare slots its rollback needs.
+        self.speculator = speculator if speculator is not None and speculator.config.on else None
+        extra = ring_extra(self.speculator.config) if self.speculator else 0
+        self.cache = KVCache.for_model(model, max_batch, context, ring_extra=extra)
+        self._spec_rows: dict[int, RowState] = {}  # each decoding row's draft state and controller
         # Padded tokens per prefill forward: the core's policy, which is also the engine's per-step
         # budget for reading prompts (a smaller one keeps running streams' steps shorter).
         self.prefill_chunk = prefill_chunk or core.prefill_chunk_for(model)
@@ -30,6 +36,7 @@ class ModelRunner:
     def release(self, row: int) -> None:
         """Forget a freed row's keys and values, so decoding over the rows below it reads less."""
         self.cache.reset(torch.tensor([row]))
+        self._spec_rows.pop(row, None)
 
     def step(self, slots: list[Slot]) -> tuple[list[tuple[Slot, Event]], int]:
         """One engine step over the occupied slots: (each sampled token's slot and event, in order;
@@ -100,6 +107,8 @@ class ModelRunner:
 
     def _decode(self, slots: list[Slot], out: list) -> None:
         """One token for every decoding row in one forward over rows [0, hi); other rows idle as padding."""
+        if self.speculator is not None:
+            return self._decode_speculative(slots, out)
         hi = max(s.row for s in slots) + 1
         tokens: list[int | None] = [None] * hi
         positions = [-1] * hi
@@ -110,9 +119,32 @@ class ModelRunner:
             s.pos += 1
             out.append((s, self._sample(s, logits[s.row])))
 
+    def _decode_speculative(self, slots: list[Slot], out: list) -> None:
+        """A speculative round over the decoding rows (generation/speculative.py): each row may add
+        several tokens, each with its event and logprob from the target's logits that chose it."""
+        hi = max(s.row for s in slots) + 1
+        by_row = {s.row: s for s in slots}
+        rows = []
+        for s in slots:
+            if s.row not in self._spec_rows:
+                self._spec_rows[s.row] = self.speculator.new_row(self.cache.context, s.handle.seq.params)
+            rows.append(SpecRow(s.row, s.handle.seq, s.prompt_t, s.pending, s.pos, self._spec_rows[s.row]))
+
+        def take(r: SpecRow, token: int, logits: torch.Tensor) -> None:
+            out.append((by_row[r.row], self._event(by_row[r.row], token, logits)))
+
+        decode_round(self.model, self.cache.rows(0, hi), rows, self.speculator, take)
+        for r in rows:
+            by_row[r.row].pending, by_row[r.row].pos = r.pending, r.pos
+
     def _sample(self, s: Slot, logits: torch.Tensor) -> Event:
-        seq, req = s.handle.seq, s.handle.request
+        seq = s.handle.seq
         token = sample_one(logits, seq.params, s.prompt_t, torch.tensor(seq.ids, dtype=torch.long), seq.generator)
+        return self._event(s, token, logits)
+
+    def _event(self, s: Slot, token: int, logits: torch.Tensor) -> Event:
+        """Add a chosen token to the row's sequence: its event, with its logprob when asked."""
+        seq, req = s.handle.seq, s.handle.request
         lp = logprob(logits, token, req.logprobs) if req.logprobs is not None else None
         first = not seq.ids
         piece = seq.add(token)
