@@ -41,7 +41,7 @@ def test_engine_rows_speculate_and_match_plain_decoding(lm):
         (_grounded(1), SamplingParams(max_new_tokens=40, ignore_eos=True)),
         (_grounded(2)[:25], SamplingParams(max_new_tokens=12, ignore_eos=True)),
         (_grounded(3), SamplingParams(max_new_tokens=30, repetition_penalty=1.2)),
-        (_grounded(4), SamplingParams(max_new_tokens=35, temperature=0.9, seed=4)),  # sampled: runs, in range
+        (_grounded(4), SamplingParams(max_new_tokens=35, temperature=0.9, seed=4, ignore_eos=True)),  # sampled: runs, in range
     ]
     plain = [lm.generate(ids, params) for ids, params in cases]
     with Engine(lm, max_batch=3, max_waiting=8, speculate="ngram") as engine:
