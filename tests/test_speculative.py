@@ -262,7 +262,7 @@ def test_controller_adapts_k_and_switches_off_and_back_on():
     seeded = Controller(k_max=8, timed=False, k=2)
     assert seeded.want() == 2
     for _ in range(WARMUP):
-        seeded.record(2, 0, 1, 123.0, False)  # one token for 1.16 plain steps' cost
+        seeded.record(4, 0, 1, 123.0, False)  # one token for 1.32 plain steps of cost (the clock is ignored)
     assert not seeded.on
 
 

@@ -44,6 +44,10 @@ DEFAULT_DRAFT_TOKENS = 8
 # a greedy choice closer than ten times that goes to a single decoding step instead.
 TIE_MARGIN = 1e-2
 WARMUP = 4  # speculative rounds before the controller judges whether speculation pays
+# Speculation is switched off when its time per token exceeds plain steps' by this factor: a shared
+# machine's timings move by 20-30% from minute to minute, and one slow round must not switch off a
+# row whose drafts are being kept.
+OFF_MARGIN = 1.15
 DECAY = 0.8  # weight of the past in the controller's time and acceptance averages (recent rounds count most)
 REVIVE = 2  # consecutive n-gram proposals that would have hit, while off, to switch back on
 RETRY = 64  # plain tokens before a draft model that did not pay is tried again
@@ -124,7 +128,7 @@ class Controller:
         self.rounds += 1
         self.k = min(self.k_max, 2 * self.k) if accepted == drafted else max(1, accepted + 1)
         if self.adaptive and self.rounds >= WARMUP and self.plain[1] and self.spec[1]:
-            if self.spec[0] / self.spec[1] > self.plain[0] / self.plain[1]:
+            if self.spec[0] / self.spec[1] > OFF_MARGIN * self.plain[0] / self.plain[1]:
                 self.on, self.idle, self.switched_off = False, 0, self.switched_off + 1
 
     def while_off(self, hit: bool | None) -> None:
