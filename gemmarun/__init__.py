@@ -11,6 +11,7 @@ from .errors import (
 from .generation.constraints import Constraint
 from .generation.sampling import SamplingParams
 from .generation.sequence import GenerationResult
+from .generation.speculative import SpeculativeConfig
 from .lm import LanguageModel, TextGenerationPipeline, load, pipeline
 from .model.config import PRESETS, GemmaConfig
 
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GemmaConfig", "PRESETS", "LanguageModel", "TextGenerationPipeline", "GenerationResult", "SamplingParams",
     "Constraint", "load", "pipeline", "GemmarunError", "CheckpointError", "ConfigError", "ContextLengthError",
-    "InvalidParameterError", "ModelNotFoundError",
+    "InvalidParameterError", "ModelNotFoundError", "SpeculativeConfig",
 ]  # fmt: skip

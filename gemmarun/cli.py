@@ -25,6 +25,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache dtype: float16 or bfloat16 halve a float32 cache (auto: the activations' dtype)")  # fmt: skip
 
 
+def _add_speculation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", choices=["ngram", "model", "off"],
+                   help="speculative decoding: ngram (prompt lookup), model (--draft-model drafts), off "
+                        "(default: model with --draft-model, else off)")  # fmt: skip
+    p.add_argument("--draft-model", metavar="PATH", help="a smaller model of the same vocabulary that drafts tokens")
+    p.add_argument("--draft-tokens", type=int, metavar="K", help="tokens drafted per round at most (default 8)")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=128)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
@@ -63,7 +71,7 @@ def _load_kwargs(args) -> dict:
     """What load() takes from the model arguments (also sent to Ray replicas and workers, which load their own)."""
     return dict(source=args.model, dtype=args.dtype, device=args.device, context=args.context, quantize=args.quantize,
                 group_size=args.group_size, compile=getattr(args, "compile", False), cache_dtype=args.cache_dtype,
-                **getattr(args, "calibration_kwargs", {}))  # fmt: skip
+                **_speculation_kwargs(args), **getattr(args, "calibration_kwargs", {}))  # fmt: skip
 
 
 def _constraint(args):
@@ -98,6 +106,13 @@ def _load(args):
             raise GemmarunError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return load(**_load_kwargs(args))
+
+
+def _speculation_kwargs(args) -> dict:
+    """load()'s speculation arguments, for the commands that decode (generate, chat, serve)."""
+    if not hasattr(args, "speculate"):
+        return {}
+    return dict(speculate=args.speculate, draft=args.draft_model, draft_tokens=args.draft_tokens)
 
 
 def cmd_generate(args) -> int:
@@ -294,12 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode through torch.compile with a static cache (dense weights: --quantize none or a "
                         "float checkpoint; the first step compiles for a minute or more)")  # fmt: skip
     _add_model_args(g)
+    _add_speculation_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="chat in the terminal (piped input: one message per line)")
     c.add_argument("--system", help="system text (Gemma has no system role: it prefixes the first user turn)")
     _add_model_args(c)
+    _add_speculation_args(c)
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat, max_new_tokens=512)
 
@@ -317,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(s, "Ray Serve, one engine per replica behind one endpoint")
     s.add_argument("--replicas", type=int, default=1, help="with --ray: engines serving the endpoint (default 1)")
     _add_model_args(s)
+    _add_speculation_args(s)
     s.set_defaults(func=cmd_serve)
 
     bt = sub.add_parser("batch", help="answer a file of OpenAI batch lines (resumable), here or on a Ray cluster")

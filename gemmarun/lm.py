@@ -9,8 +9,10 @@ import torch
 
 from .errors import ContextLengthError, InvalidParameterError
 from .generation import core
+from .generation.drafts import check_draft_vocabulary
 from .generation.generator import Generator
 from .generation.sampling import SamplingParams
+from .generation.speculative import SpeculativeConfig, Speculator
 from .weights.loader import load_checkpoint, parse_dtype, warn_dtype
 from .weights.source import resolve
 
@@ -37,6 +39,31 @@ class LanguageModel:
                 "decode in gemmarun's C++ kernels already (load with quantize='none' / --quantize none to compile)"
             )
         self.generator = Generator(model, tokenizer, self.context, compile=compile)
+        self.draft: LanguageModel | None = None  # a draft model of the same vocabulary (load(draft=...))
+        self.speculation = SpeculativeConfig()  # what generate/stream use unless told otherwise
+        self._speculators: dict[SpeculativeConfig, Speculator] = {}
+
+    def speculator(self, speculate: str | SpeculativeConfig | None = None) -> Speculator | None:
+        """The Speculator for `speculate` ("ngram", "model", "off", a SpeculativeConfig; None: the
+        loaded default), one per setting so its totals (rounds, drafted, accepted) add up."""
+        config = self._speculation(speculate)
+        if not config.on:
+            return None
+        if config not in self._speculators:
+            self._speculators[config] = self.new_speculator(config)
+        return self._speculators[config]
+
+    def new_speculator(self, speculate: str | SpeculativeConfig | None = None) -> Speculator | None:
+        """A Speculator of its own (the engine's thread keeps one), or None when speculation is off."""
+        config = self._speculation(speculate)
+        return Speculator(config, self.draft.model if self.draft is not None else None, self.model) if config.on else None
+
+    def _speculation(self, speculate: str | SpeculativeConfig | None) -> SpeculativeConfig:
+        if speculate is None:
+            return self.speculation
+        if isinstance(speculate, str):
+            return SpeculativeConfig(speculate, self.speculation.draft_tokens, self.speculation.ngram)
+        return speculate
 
     def __repr__(self) -> str:
         c = self.config
@@ -58,20 +85,21 @@ class LanguageModel:
             raise InvalidParameterError("the prompt is empty")
         return [self.encode(p) for p in prompt], True
 
-    def generate(self, prompt: Prompt | Sequence[Prompt], params: SamplingParams | None = None, **kwargs):
-        """A GenerationResult for one prompt, a list of them for a list of prompts (decoded as one batch)."""
+    def generate(self, prompt: Prompt | Sequence[Prompt], params: SamplingParams | None = None, speculate=None, **kwargs):
+        """A GenerationResult for one prompt, a list of them for a list of prompts (decoded as one batch).
+        speculate: "ngram", "model", "off" or a SpeculativeConfig; None uses what load() set."""
         params = params or SamplingParams(**kwargs)
         prompts, batched = self._batch(prompt)
-        results = self.generator.generate(prompts, params)
+        results = self.generator.generate(prompts, params, self.speculator(speculate))
         return results if batched else results[0]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, **kwargs) -> Iterator[str]:
-        """Text pieces of one prompt's continuation as they are decoded."""
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, speculate=None, **kwargs) -> Iterator[str]:
+        """Text pieces of one prompt's continuation as they are decoded (speculate: as for generate)."""
         params = params or SamplingParams(**kwargs)
         prompts, batched = self._batch(prompt)
         if batched:
             raise InvalidParameterError("stream() takes one prompt; use generate() for a batch")
-        for events in self.generator.run(prompts, params):
+        for events in self.generator.run(prompts, params, self.speculator(speculate)):
             for e in events:
                 if e.text:
                     yield e.text
@@ -105,6 +133,9 @@ def load(
     calibration_tokens: int = 2048,
     compile: bool = False,
     cache_dtype: str | torch.dtype | None = None,
+    draft: str | os.PathLike | LanguageModel | None = None,
+    speculate: str | None = None,
+    draft_tokens: int | None = None,
 ) -> LanguageModel:
     """Load a checkpoint folder, a .gguf file, a Hugging Face repo id (from the local cache) or,
     with no argument, the default Gemma 3 270M model.
@@ -118,7 +149,14 @@ def load(
     compile: decode through torch.compile with a static cache (dense models: dtype float32 or
     bfloat16, or quantize='none'); generate() and stream() use it, chat and the server do not.
     cache_dtype: the KV cache's dtype, "float16" or "bfloat16" to halve a float32 cache's memory
-    and the bytes long contexts read a token; None / "auto": the activations' dtype (exact)."""
+    and the bytes long contexts read a token; None / "auto": the activations' dtype (exact).
+    draft: a smaller model of the same vocabulary (a source as above, or a LanguageModel) that
+    drafts tokens for speculative decoding; speculate: "ngram" (prompt lookup, no second model),
+    "model" (the draft; the default when one is given) or "off" (the default otherwise);
+    draft_tokens: drafts per round at most (generation/speculative.py)."""
+    spec = _speculation(speculate, draft, draft_tokens)
+    if compile and spec.on:
+        raise InvalidParameterError("compile traces one-token decoding steps, speculation verifies several: choose one")
     device = torch.device(device)
     torch_dtype = parse_dtype(dtype, device)
     cache_dtype = None if cache_dtype in (None, "auto") else parse_dtype(cache_dtype, device, "cache_dtype")
@@ -147,7 +185,22 @@ def load(
             p.data = p.data.to(torch_dtype)
     warn_dtype(config, torch_dtype)
     model.cache_dtype = cache_dtype
-    return LanguageModel(model, tokenizer, config, str(path), context, compile=compile)
+    lm = LanguageModel(model, tokenizer, config, str(path), context, compile=compile)
+    if draft is not None:
+        lm.draft = draft if isinstance(draft, LanguageModel) else load(draft, dtype=dtype, device=device, cache_dtype=cache_dtype)
+        check_draft_vocabulary(lm.tokenizer, lm.draft.tokenizer, lm.draft.source)
+    lm.speculation = spec
+    return lm
+
+
+def _speculation(speculate: str | None, draft, draft_tokens: int | None) -> SpeculativeConfig:
+    """load()'s speculation arguments, checked before anything is read."""
+    method = speculate or ("model" if draft is not None else "off")
+    if method == "model" and draft is None:
+        raise InvalidParameterError("speculate='model' needs a draft model: load(..., draft=PATH) or --draft-model PATH")
+    if draft is not None and method != "model":
+        raise InvalidParameterError(f"a draft model was given but speculate is {method!r}; use speculate='model'")
+    return SpeculativeConfig(method, draft_tokens if draft_tokens is not None else SpeculativeConfig.draft_tokens)
 
 
 class TextGenerationPipeline:

@@ -9,6 +9,7 @@ import torch
 from ..errors import ContextLengthError, InvalidParameterError
 from ..generation import core
 from ..generation.sampling import SamplingParams, sample_one
+from ..generation.speculative import SpecRow, decode_round, ring_extra
 from ..model.cache import KVCache
 from .template import render_messages
 
@@ -28,7 +29,9 @@ class ChatSession:
         self.params = params or SamplingParams(max_new_tokens=512)
         self.notify = notify or (lambda message: None)
         self.prefill_chunk = prefill_chunk or core.prefill_chunk_for(lm.model)
-        self.cache = KVCache.for_model(lm.model, 1, lm.context)
+        self.speculator = lm.speculator()  # load()'s speculation setting, or None
+        extra = ring_extra(self.speculator.config) if self.speculator else 0
+        self.cache = KVCache.for_model(lm.model, 1, lm.context, ring_extra=extra)
         self.reset()
 
     def reset(self) -> None:
@@ -59,6 +62,9 @@ class ChatSession:
         self.turns = turns
         seq = self.lm.generator.new_sequence(self.ids + new, self.params)
         logits = self._feed(new)
+        if self.speculator is not None:
+            yield from self._send_speculative(turns, rendered, seq, logits)
+            return
         unfed = None  # a sampled reply token whose keys and values are not in the cache yet
         try:
             while True:
@@ -74,13 +80,47 @@ class ChatSession:
                 if seq.finish_reason == "length":
                     break
         finally:
-            # Interrupted or not, the reply so far is part of the conversation.
-            self.turns = turns + [{"role": "assistant", "content": seq.text}]
-            self._rendered, self._reply = rendered, seq.text
             # The next turn extends the cache only if it holds exactly the reply's text: not when a
             # stop string cut the text short, nor when an interruption left a token unfed.
-            self._cache_matches_text = unfed is None
-            self.last_prompt, self.last_result = seq.prompt, seq.result()
+            self._record(turns, rendered, seq, unfed is None)
+
+    def _record(self, turns: list[dict], rendered: str, seq, matches: bool) -> None:
+        # Interrupted or not, the reply so far is part of the conversation.
+        self.turns = turns + [{"role": "assistant", "content": seq.text}]
+        self._rendered, self._reply = rendered, seq.text
+        self._cache_matches_text = matches
+        self.last_prompt, self.last_result = seq.prompt, seq.result()
+
+    def _send_speculative(self, turns: list[dict], rendered: str, seq, logits: torch.Tensor) -> Iterator[str]:
+        """send()'s loop in speculative rounds (generation/speculative.py) over the session's cache."""
+        pieces: list[str] = []
+
+        def take(r: SpecRow, token: int, _logits) -> None:
+            pieces.append(seq.add(token))
+
+        r = SpecRow(0, seq, torch.tensor(seq.prompt), -1, len(seq.prompt), self.speculator.new_row(self.lm.context, seq.params))
+        take(r, sample_one(logits, seq.params, r.prompt_t, seq.ids, seq.generator, seq.grammar), logits)
+        r.pending = seq.ids[-1]
+        try:
+            while True:
+                yield from (p for p in pieces if p)
+                pieces.clear()
+                if seq.finish_reason is not None:
+                    break
+                with torch.inference_mode():
+                    decode_round(self.lm.model, self.cache, [r], self.speculator, take)
+        finally:
+            # Positions before r.pos hold the reply's tokens (a round that finished the reply may
+            # have written drafts past them): keep those, feed the rest of the reply but a stop token.
+            reply = seq.prompt + seq.ids
+            if seq.ids and seq.ids[-1] in seq.stop_ids:
+                reply.pop()
+            self.cache.truncate(r.pos)
+            self.ids = reply[: r.pos]
+            if len(reply) > r.pos:
+                self._feed(reply[r.pos :])
+            stop_string = seq.finish_reason == "stop" and (not seq.ids or seq.ids[-1] not in seq.stop_ids)
+            self._record(turns, rendered, seq, not stop_string)
 
     def _new_tokens(self, rendered: str) -> list[int] | None:
         """The tokens that extend the cache to `rendered`, or None when the cache cannot be extended."""

@@ -39,9 +39,10 @@ class Engine:
     `tokens` are written under the scheduler's lock."""
 
     def __init__(self, lm, max_batch: int = 8, max_waiting: int = 64, context: int | None = None, prefill_chunk: int | None = None,
-                 prefix_cache_mb: float = 0):  # fmt: skip
+                 prefix_cache_mb: float = 0, speculate=None):  # fmt: skip
         """prefix_cache_mb: memory for snapshots of finished rows that later prompts starting with the
-        same tokens resume from (generation/prefix_cache.py); 0 turns the prefix cache off."""
+        same tokens resume from (generation/prefix_cache.py); 0 turns the prefix cache off.
+        speculate: "ngram", "model", "off", a SpeculativeConfig, or None for what load() set."""
         if not isinstance(prefix_cache_mb, (int, float)) or isinstance(prefix_cache_mb, bool) or not prefix_cache_mb >= 0:
             raise InvalidParameterError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -51,7 +52,9 @@ class Engine:
         self.model, self.tokenizer = lm.model, lm.tokenizer
         self.context = min(context or lm.context, lm.context)
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.runner = ModelRunner(lm.model, max_batch, self.context, prefill_chunk, prefix_cache_mb)
+        # the engine's own Speculator (its rounds' state is the engine thread's)
+        self.speculator = lm.new_speculator(speculate)
+        self.runner = ModelRunner(lm.model, max_batch, self.context, prefill_chunk, prefix_cache_mb, self.speculator)
         self.prefill_chunk = self.runner.prefill_chunk
         self.cache = self.runner.cache
         self.scheduler = Scheduler(max_batch, max_waiting, self.runner.release)

@@ -20,6 +20,7 @@ from ..model.gemma import Gemma
 from . import core
 from .sampling import SamplingParams, sample_one
 from .sequence import GenerationResult, SequenceState, TextEvent, new_sequence
+from .speculative import SpecRow, Speculator, decode_round, ring_extra
 
 
 def static_context(needed: int, context: int) -> int:
@@ -42,15 +43,24 @@ class Generator:
     def check_prompt(self, prompt: Sequence[int]) -> None:
         core.check_prompt(len(prompt), self.context, self.model.config.max_position_embeddings)
 
-    def run(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[list[TextEvent]]:
-        """Text events of every step; a sequence's last event carries its finish_reason."""
-        return self._steps(self._sequences(prompts, params))
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[GenerationResult]:
+    def run(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, speculator: Speculator | None = None
+    ) -> Iterator[list[TextEvent]]:
+        """Text events of every step (of every round, speculating); a sequence's last event carries its finish_reason."""
         seqs = self._sequences(prompts, params)
-        for _ in self._steps(seqs):
+        return self._speculative_steps(seqs, speculator) if self._speculates(speculator) else self._steps(seqs)
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, speculator: Speculator | None = None
+    ) -> list[GenerationResult]:
+        seqs = self._sequences(prompts, params)
+        for _ in self._speculative_steps(seqs, speculator) if self._speculates(speculator) else self._steps(seqs):
             pass
         return [s.result() for s in seqs]
+
+    def _speculates(self, speculator: Speculator | None) -> bool:
+        # The compiled path traces one-token steps over a static cache: it decodes without speculation.
+        return speculator is not None and speculator.config.on and not self.compile
 
     def _sequences(self, prompts, params: SamplingParams) -> list[SequenceState]:
         return [self.new_sequence(p, params) for p in prompts]
@@ -90,6 +100,37 @@ class Generator:
             with torch.inference_mode():
                 logits = core.decode(model, cache, next_ids, positions, step=step)
             positions = [p + 1 for p in positions]
+
+    def _speculative_steps(self, seqs: list[SequenceState], spec: Speculator) -> Iterator[list[TextEvent]]:
+        """_steps with speculative rounds (generation/speculative.py): a round may add several tokens a row."""
+        model, b = self.model, len(seqs)
+        if b == 0:
+            return
+        size = min(max(len(s.prompt) + s.max_new for s in seqs), self.context)
+        cache = KVCache.for_model(model, b, size, ring_extra=ring_extra(spec.config))
+        with torch.inference_mode():
+            logits = core.prefill(model, cache, [s.prompt for s in seqs], chunk=self.prefill_chunk)  # (B, V)
+        events: list[TextEvent] = []
+
+        def take(r: SpecRow, tok: int, _logits) -> None:
+            piece = r.seq.add(tok)
+            events.append(TextEvent(index=r.row, text=piece, token_id=tok, finish_reason=r.seq.finish_reason))
+
+        rows = []
+        for i, s in enumerate(seqs):
+            r = SpecRow(i, s, torch.tensor(s.prompt), -1, len(s.prompt), spec.new_row(size, s.params))
+            take(r, sample_one(logits[i], s.params, r.prompt_t, s.ids, s.generator, s.grammar), logits[i])
+            r.pending = s.ids[-1]
+            rows.append(r)
+        spec.force_plain = False
+        while True:
+            yield events
+            rows = [r for r in rows if r.seq.finish_reason is None]
+            if not rows:
+                return
+            events = []
+            with torch.inference_mode():
+                decode_round(model, cache, rows, spec, take)
 
     def _compiled_step(self, tokens, positions, cache, select):
         """A decoding step through torch.compile (one graph per batch size and cache length). If

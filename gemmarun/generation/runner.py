@@ -16,14 +16,22 @@ from . import core
 from .prefix_cache import MIN_TOKENS, PrefixCache, Ring, ring_extra_for
 from .sampling import sample_one
 from .scheduler import Event, Slot, TokenLogprob
+from .speculative import RowState, SpecRow, Speculator, decode_round, ring_extra
 
 
 class ModelRunner:
-    def __init__(self, model, max_batch: int, context: int, prefill_chunk: int | None = None, prefix_cache_mb: float = 0):
+    def __init__(self, model, max_batch: int, context: int, prefill_chunk: int | None = None, prefix_cache_mb: float = 0,
+                 speculator: Speculator | None = None):  # fmt: skip
         self.model = model
-        # The prefix cache resumes sliding rings a few positions short of a snapshot's end: they
-        # keep that many slots beyond the window (the mask is unchanged).
+        # Speculating, every row's decoding step is a speculative round (per-row drafts, one verify
+        # forward); the sliding rings keep the spare slots its rollback needs.
+        self.speculator = speculator if speculator is not None and speculator.config.on else None
+        self._spec_rows: dict[int, RowState] = {}  # each decoding row's draft state and controller
+        # The prefix cache resumes sliding rings a few positions short of a snapshot's end, and a
+        # speculative round rolls back its rejected drafts: the rings keep both slacks beyond the
+        # window (the mask is unchanged).
         extra = ring_extra_for(model.config.sliding_window) if prefix_cache_mb > 0 else 0
+        extra += ring_extra(self.speculator.config) if self.speculator else 0
         self.cache = KVCache.for_model(model, max_batch, context, ring_extra=extra)
         self.prefix = PrefixCache(self.cache, int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.prompt_rings: dict[int, Ring] = {}  # row -> its sliding rings when its prompt was read
@@ -40,6 +48,7 @@ class ModelRunner:
         if self.prefix is not None and sound:
             self.prefix.store(s.row, fed(s), earlier)
         self.cache.reset(torch.tensor([s.row]))
+        self._spec_rows.pop(s.row, None)
 
     def _admit(self, s: Slot) -> None:
         """A new row: resume its prompt from the prefix cache's best snapshot, if any. Scored
@@ -139,6 +148,8 @@ class ModelRunner:
 
     def _decode(self, slots: list[Slot], out: list) -> None:
         """One token for every decoding row in one forward over rows [0, hi); other rows idle as padding."""
+        if self.speculator is not None:
+            return self._decode_speculative(slots, out)
         hi = max(s.row for s in slots) + 1
         tokens: list[int | None] = [None] * hi
         positions = [-1] * hi
@@ -149,9 +160,32 @@ class ModelRunner:
             s.pos += 1
             out.append((s, self._sample(s, logits[s.row])))
 
+    def _decode_speculative(self, slots: list[Slot], out: list) -> None:
+        """A speculative round over the decoding rows (generation/speculative.py): each row may add
+        several tokens, each with its event and logprob from the target's logits that chose it."""
+        hi = max(s.row for s in slots) + 1
+        by_row = {s.row: s for s in slots}
+        rows = []
+        for s in slots:
+            if s.row not in self._spec_rows:
+                self._spec_rows[s.row] = self.speculator.new_row(self.cache.context, s.handle.seq.params)
+            rows.append(SpecRow(s.row, s.handle.seq, s.prompt_t, s.pending, s.pos, self._spec_rows[s.row]))
+
+        def take(r: SpecRow, token: int, logits: torch.Tensor) -> None:
+            out.append((by_row[r.row], self._event(by_row[r.row], token, logits)))
+
+        decode_round(self.model, self.cache.rows(0, hi), rows, self.speculator, take)
+        for r in rows:
+            by_row[r.row].pending, by_row[r.row].pos = r.pending, r.pos
+
     def _sample(self, s: Slot, logits: torch.Tensor) -> Event:
-        seq, req = s.handle.seq, s.handle.request
+        seq = s.handle.seq
         token = sample_one(logits, seq.params, s.prompt_t, torch.tensor(seq.ids, dtype=torch.long), seq.generator, seq.grammar)
+        return self._event(s, token, logits)
+
+    def _event(self, s: Slot, token: int, logits: torch.Tensor) -> Event:
+        """Add a chosen token to the row's sequence: its event, with its logprob when asked."""
+        seq, req = s.handle.seq, s.handle.request
         lp = logprob(logits, token, req.logprobs) if req.logprobs is not None else None
         first = not seq.ids
         piece = seq.add(token)
