@@ -253,7 +253,7 @@ def decode_round(model, cache, rows: list[SpecRow], spec: Speculator, take: Take
         drafts.append(d)
         off_ngram = not ctl.on and isinstance(spec.drafter, NgramDrafter)
         shadows.append(spec.drafter.propose(r.state.source, history, 1, seq.params, None).tokens if off_ngram else None)
-    hi = max(r.row for r in rows) + 1
+    hi = cache.batch_size  # rows not in the round idle as padding
     tokens: list[list[int]] = [[] for _ in range(hi)]
     starts = [0] * hi
     for r, d in zip(rows, drafts):
