@@ -119,7 +119,7 @@ def load(
     bfloat16, or quantize='none'); generate() and stream() use it, chat and the server do not.
     cache_dtype: the KV cache's dtype, "float16" or "bfloat16" to halve a float32 cache's memory
     and the bytes long contexts read a token; None / "auto": the activations' dtype (exact)."""
-    device = torch.device(device)
+    device = _device(device)
     torch_dtype = parse_dtype(dtype, device)
     cache_dtype = None if cache_dtype in (None, "auto") else parse_dtype(cache_dtype, device, "cache_dtype")
     if group_size not in (32, 64, 128):
@@ -148,6 +148,26 @@ def load(
     warn_dtype(config, torch_dtype)
     model.cache_dtype = cache_dtype
     return LanguageModel(model, tokenizer, config, str(path), context, compile=compile)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """A device that exists on this machine and can hold weights (meta tensors hold none)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidParameterError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "meta":
+        raise InvalidParameterError("device 'meta' holds no data, so nothing can run on it; use cpu or cuda")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise InvalidParameterError(f"device {device.type!r} is not available on this machine (torch {torch.__version__})")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise InvalidParameterError(f"device {device} does not exist: this machine has {count} {device.type} device(s)")
+    return device
 
 
 class TextGenerationPipeline:
