@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..chat import render_messages
+from ..chat import render_prompt
 from ..errors import InvalidParameterError
 from ..generation.engine import Request
 from ..generation.sampling import SamplingParams
@@ -165,7 +165,7 @@ def parse_chat(body: dict, tokenizer, model_id: str, context: int) -> Parsed:
     messages = body.get("messages")
     _check(isinstance(messages, list) and len(messages) > 0, "messages", "must be a non-empty list of messages")
     try:
-        text = render_messages(tokenizer, messages)
+        rendered = render_prompt(tokenizer, messages)  # message text stays text: it cannot forge turns
     except InvalidParameterError as e:
         raise APIError(400, str(e), param="messages") from None
     want = _get(body, "logprobs", "boolean", False)
@@ -173,8 +173,8 @@ def parse_chat(body: dict, tokenizer, model_id: str, context: int) -> Parsed:
     _check(top is None or 0 <= top <= MAX_LOGPROBS, "top_logprobs", f"must be between 0 and {MAX_LOGPROBS}")
     _check(top is None or want, "top_logprobs", "needs 'logprobs': true")
     logprobs = (top or 0) if want else None
-    prompt = tokenizer.encode(text)
-    parsed = Parsed([prompt], [text], params, n, stream, include_usage, logprobs)
+    prompt = rendered.encode(tokenizer)
+    parsed = Parsed([prompt], [rendered.text], params, n, stream, include_usage, logprobs)
     parsed.requests = [Request(prompt, params, logprobs, seed_offset=j) for j in range(n)]
     return parsed
 

@@ -5,6 +5,7 @@ or a GGUF vocabulary; special-token text mapped to single ids, BOS exactly once 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,7 @@ class Tokenizer:
         # the ones Gemma always treats as such (a small test vocab may list turns as user-defined).
         self._special_ids = frozenset(set(engine.matched_specials.values()) | extra_special_ids | turn_ids | named)
         self._splitter = _SpecialSplitter(engine.matched_specials)
+        self._guard_splitter: _SpecialSplitter | None = None  # built on first use (it encodes each special)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -232,14 +234,63 @@ class Tokenizer:
 
     # -- encode / decode -----------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, literal: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """Token ids of `text`; special-token text is a control token except inside the `literal`
+        (start, end) character spans, where it stays text (chat message content cannot forge turns)."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # the engines take UTF-8; a lone surrogate has none
+                raise InvalidParameterError(
+                    f"the text holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start})"
+                ) from None
         ids: list[int] = []
-        for part in self._splitter.split(text):
+        for part in self._parts(text, literal) if literal else self._splitter.split(text):
             ids.extend([part] if isinstance(part, int) else self._engine.encode(part))
         # Exactly one BOS (pitfall 8): a prompt rendered from a chat template already starts with it.
         if add_bos and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
+
+    def _parts(self, text: str, literal: Sequence[tuple[int, int]]) -> list[str | int]:
+        """The splitter's parts, with special-token text inside `literal` spans kept as text: its
+        first character is cut from the rest, so neither the splitter nor the engine (SentencePiece's
+        user-defined pieces, `tokenizers`' added tokens) can match it whole. Text elsewhere is joined
+        across span edges exactly as without spans, so content free of such text encodes the same."""
+        parts: list[str | int] = []
+
+        def add(part: str | int, join: bool = True) -> None:
+            if part == "":
+                return
+            if join and isinstance(part, str) and parts and isinstance(parts[-1], str):
+                parts[-1] += part
+            else:
+                parts.append(part)
+
+        pos = 0
+        for start, end in sorted(literal):
+            for part in self._splitter.split(text[pos:start]):
+                add(part)
+            for part in self._guard().split(text[max(start, pos) : end]):
+                if isinstance(part, int):
+                    piece = self._engine.piece(part)
+                    add(piece[:1])
+                    add(piece[1:], join=False)
+                else:
+                    add(part)
+            pos = max(pos, end)
+        for part in self._splitter.split(text[pos:]):
+            add(part)
+        return parts
+
+    def _guard(self) -> _SpecialSplitter:
+        """The special tokens whose text would come out as the token itself: through the splitter or
+        the engine's own matching."""
+        if self._guard_splitter is None:
+            pieces = {self._engine.piece(i): i for i in sorted(self._special_ids)}
+            matched = {p: i for p, i in pieces.items() if p and (p in self._splitter.specials or i in self._engine.encode(p))}
+            self._guard_splitter = _SpecialSplitter(matched)
+        return self._guard_splitter
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [self._check_id(i) for i in _as_ids(ids)]
