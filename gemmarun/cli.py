@@ -132,13 +132,16 @@ def cmd_serve(args) -> int:
         raise InvalidParameterError(f"--port must be from 0 to 65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise InvalidParameterError("--api-key is empty: it would let every request in; give a key or leave the option out")
+    if not 0 <= args.shutdown_timeout <= 3600:  # also refuses NaN
+        raise InvalidParameterError(f"--shutdown-timeout must be from 0 to 3600 seconds, got {args.shutdown_timeout}")
     for name in ("max_batch", "max_waiting"):
         if getattr(args, name) < 1:
             raise InvalidParameterError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach it can use it", stacklevel=2)
     serve(_load(args), host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_waiting=args.max_waiting, model_id=args.served_model_name, context=args.context)  # fmt: skip
+          max_waiting=args.max_waiting, model_id=args.served_model_name, context=args.context,
+          shutdown_timeout=args.shutdown_timeout)  # fmt: skip
     return 0
 
 
@@ -290,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503 (default 64)")
+    s.add_argument("--shutdown-timeout", type=float, default=15.0,
+                   help="seconds running requests get on SIGTERM / Ctrl-C before they end with an error (default 15)")  # fmt: skip
     s.add_argument("--served-model-name", help="model id clients use (default: the folder or file name)")
     _add_model_args(s)
     s.set_defaults(func=cmd_serve)

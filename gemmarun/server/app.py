@@ -41,6 +41,8 @@ class Server:
     def __init__(self, lm, engine: Engine, model_id: str | None = None, api_key: str | None = None):
         self.lm, self.engine, self.tokenizer = lm, engine, lm.tokenizer
         self.model_id = model_id or model_id_for(lm.source)
+        if api_key is not None and not api_key.strip():
+            raise InvalidParameterError("the API key is empty: every request would pass; give a key or none")
         self.api_key = api_key
         self.created = int(time.time())
         self.writer = ResponseWriter(self.tokenizer, self.model_id)
@@ -78,6 +80,10 @@ class Server:
         async def api_error(request, exc: APIError):
             return exc.response()
 
+        @app.exception_handler(Exception)
+        async def internal_error(request, exc: Exception):  # a fault of ours: still OpenAI's shape (and logged by uvicorn)
+            return APIError(500, f"internal error: {type(exc).__name__}: {exc}"[:300], type="server_error").response()
+
         @app.exception_handler(StarletteHTTPException)
         async def http_error(request, exc: StarletteHTTPException):
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
@@ -109,12 +115,14 @@ class Server:
 
         @v1.post("/completions")
         async def completions(request: HTTPRequest):
-            parsed = parse_completion(await json_body(request), server.tokenizer, server.model_id)
+            body = await json_body(request)  # tokenising happens off the event loop: /health and streams keep moving
+            parsed = await asyncio.to_thread(parse_completion, body, server.tokenizer, server.model_id, server.engine.context)
             return await server.respond(request, parsed, chat=False)
 
         @v1.post("/chat/completions")
         async def chat_completions(request: HTTPRequest):
-            parsed = parse_chat(await json_body(request), server.tokenizer, server.model_id, server.engine.context)
+            body = await json_body(request)
+            parsed = await asyncio.to_thread(parse_chat, body, server.tokenizer, server.model_id, server.engine.context)
             return await server.respond(request, parsed, chat=True)
 
         # The chat page: open like /health (it asks for the API key itself and sends it to /v1).
@@ -185,10 +193,14 @@ SERVE_CONTEXT = 8192  # default tokens per row: the KV cache holds max_batch of 
 
 def serve(lm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_waiting: int = 64, model_id: str | None = None, context: int | None = None,
-          log_level: str = "info") -> None:  # fmt: skip
-    """Run the server until interrupted. `context` defaults to the model's, capped at 8192."""
-    import uvicorn
+          log_level: str = "info", shutdown_timeout: float = 15.0) -> None:  # fmt: skip
+    """Run the server until interrupted. `context` defaults to the model's, capped at 8192. On SIGTERM
+    or Ctrl-C, running requests get `shutdown_timeout` seconds to finish, then end with an error event."""
+    from .shutdown import run
+
+    if not (isinstance(shutdown_timeout, (int, float)) and 0 <= shutdown_timeout <= 3600):
+        raise InvalidParameterError(f"shutdown_timeout must be from 0 to 3600 seconds, got {shutdown_timeout!r}")
 
     with Engine(lm, max_batch=max_batch, max_waiting=max_waiting, context=context or min(lm.context, SERVE_CONTEXT)) as engine:
         server = Server(lm, engine, model_id, api_key)
-        uvicorn.run(server.app, host=host, port=port, log_level=log_level)
+        run(server.app, engine, host, port, shutdown_timeout, log_level)

@@ -14,6 +14,7 @@ from ..chat import render_prompt
 from ..errors import InvalidParameterError
 from ..generation.engine import Request
 from ..generation.sampling import SamplingParams
+from .limits import check_text_fits, note_ignored, read_body
 from .responses import APIError
 
 if TYPE_CHECKING:
@@ -128,12 +129,17 @@ def check_model(body: dict, model_id: str) -> None:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_id}'", param="model", code="model_not_found")
 
 
-def parse_completion(body: dict, tokenizer, model_id: str) -> Parsed:
-    """A /v1/completions body: prompts as text, token ids or lists of either."""
+def parse_completion(body: dict, tokenizer, model_id: str, context: int | None = None) -> Parsed:
+    """A /v1/completions body: prompts as text, token ids or lists of either; a text that cannot fit
+    `context` is refused from its length, before it is tokenised."""
     check_model(body, model_id)
+    note_ignored(body, chat=False, vocab_size=tokenizer.vocab_size)
     params, n, stream, include_usage = _common(body, default_max_tokens=16)  # OpenAI's default
     prompt = body.get("prompt")
     vocab = tokenizer.vocab_size
+    for text in [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []:
+        if isinstance(text, str):
+            check_text_fits(text, tokenizer, context, "prompt")
     if isinstance(prompt, str):
         prompts, texts = [tokenizer.encode(prompt)], [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -161,6 +167,7 @@ def parse_chat(body: dict, tokenizer, model_id: str, context: int) -> Parsed:
     """A /v1/chat/completions body, its messages rendered as Gemma turns; max_tokens defaults to
     `context`, the engine's tokens per row."""
     check_model(body, model_id)
+    note_ignored(body, chat=True, vocab_size=tokenizer.vocab_size)
     params, n, stream, include_usage = _common(body, default_max_tokens=context)
     messages = body.get("messages")
     _check(isinstance(messages, list) and len(messages) > 0, "messages", "must be a non-empty list of messages")
@@ -168,6 +175,7 @@ def parse_chat(body: dict, tokenizer, model_id: str, context: int) -> Parsed:
         rendered = render_prompt(tokenizer, messages)  # message text stays text: it cannot forge turns
     except InvalidParameterError as e:
         raise APIError(400, str(e), param="messages") from None
+    check_text_fits(rendered.text, tokenizer, context, "messages")
     want = _get(body, "logprobs", "boolean", False)
     top = _get(body, "top_logprobs", "integer")
     _check(top is None or 0 <= top <= MAX_LOGPROBS, "top_logprobs", f"must be between 0 and {MAX_LOGPROBS}")
@@ -180,7 +188,7 @@ def parse_chat(body: dict, tokenizer, model_id: str, context: int) -> Parsed:
 
 
 async def json_body(request: HTTPRequest) -> dict:
-    raw = await request.body()
+    raw = await read_body(request)
     try:
         body = json.loads(raw)
     except RecursionError:  # JSON nested thousands of levels deep

@@ -83,6 +83,7 @@ class Tokenizer:
         self._special_ids = frozenset(set(engine.matched_specials.values()) | extra_special_ids | turn_ids | named)
         self._splitter = _SpecialSplitter(engine.matched_specials)
         self._guard_splitter: _SpecialSplitter | None = None  # built on first use (it encodes each special)
+        self._max_piece_bytes: int | None = None  # computed on first use (a pass over the vocabulary)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -225,6 +226,14 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._engine.piece(self._check_id(i))
+
+    @property
+    def max_piece_bytes(self) -> int:
+        """The most UTF-8 bytes one token's piece is spelt with (pieces' "▁" counted as 3, an overcount):
+        text of B bytes has at least B / this many tokens (the server refuses long prompts with it)."""
+        if self._max_piece_bytes is None:
+            self._max_piece_bytes = max(len(self._engine.piece(i).encode("utf-8", "surrogatepass")) for i in range(self.vocab_size))
+        return self._max_piece_bytes
 
     def _check_id(self, i) -> int:
         i = int(i)
