@@ -189,8 +189,8 @@ class GemmaConfig:
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"config.json has a malformed field: {e}") from None
+        except (TypeError, ValueError, OverflowError, AttributeError) as e:  # a field of the wrong type or an infinite count
+            raise ConfigError(f"config.json has a malformed field: {str(e)[:200]}") from None
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GemmaConfig:

@@ -122,9 +122,9 @@ class Tokenizer:
         elif path.suffix == ".model":
             try:
                 sp = spm.SentencePieceProcessor(model_file=str(path))
+                engine = _SentencePieceEngine(sp)  # reads every piece: one that is not UTF-8 fails here
             except Exception as e:  # RuntimeError or OSError, depending on how the parse fails
                 raise CheckpointError(f"{path}: not a readable SentencePiece model ({_one_line(e)})") from None
-            engine = _SentencePieceEngine(sp)
             fallback = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
             extra = frozenset()
         else:
@@ -165,7 +165,7 @@ class Tokenizer:
             scores, types = np.asarray(arrays[1], np.float32), np.asarray(arrays[2], np.int64)
             if scores.ndim != 1 or types.ndim != 1:
                 raise TypeError("nested arrays")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a type id past 64 bits
             raise CheckpointError(
                 "GGUF tokenizer tokens, scores and token_type must be arrays of strings, floats and integers; the file is corrupt"
             ) from None
@@ -180,6 +180,8 @@ class Tokenizer:
             i = fields.get(f"tokenizer.ggml.{key}_token_id")
             if i is None:
                 return None
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise CheckpointError(f"GGUF {key}_token_id must be an integer, got {type(i).__name__}; the file is corrupt")
             if not 0 <= int(i) < len(pieces):
                 raise CheckpointError(f"GGUF {key}_token_id {i} is outside the vocabulary ({len(pieces)})")
             return int(i)
@@ -197,13 +199,17 @@ class Tokenizer:
         for i in np.flatnonzero(types == _USER_DEFINED):
             pieces[i] = pieces[i].replace(" ", "\u2581")
         charsmap = fields.get("tokenizer.ggml.precompiled_charsmap")
+        try:
+            charsmap = bytes(charsmap) if charsmap else b""
+        except (TypeError, ValueError):
+            raise CheckpointError("GGUF tokenizer.ggml.precompiled_charsmap must be an array of bytes; the file is corrupt") from None
         proto = _sentencepiece_proto(
             pieces,
             scores,
             types,
             unk,
             add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", False)),
-            charsmap=bytes(charsmap) if charsmap else b"",
+            charsmap=charsmap,
         )
         try:
             sp = spm.SentencePieceProcessor(model_proto=proto)
