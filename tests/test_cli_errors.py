@@ -9,8 +9,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -176,3 +178,13 @@ def test_an_unwritable_cache_falls_back_to_the_portable_path(folder, tmp_path):
                        capture_output=True, env=env, timeout=300, text=True)  # fmt: skip
     assert r.returncode == 0 and "Traceback" not in r.stderr
     assert "could not be built" in r.stderr and "portable path" in r.stderr
+
+
+def test_ctrl_c_while_torch_imports_exits_130_quietly(folder):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "gemmarun.cli", "generate", "-m", str(folder), "-n", "2", "hi"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    time.sleep(0.5)  # the interpreter is up, torch (a second or more) is importing
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
