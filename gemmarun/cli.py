@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import warnings
 
-from .errors import GemmarunError
+from .errors import GemmarunError, InvalidParameterError
 
 DTYPES = ["auto", "float32", "bfloat16", "float16"]  # --dtype and --cache-dtype
 
@@ -115,15 +117,35 @@ def _speculation_kwargs(args) -> dict:
     return dict(speculate=args.speculate, draft=args.draft_model, draft_tokens=args.draft_tokens)
 
 
+def _argument_text(value: str, what: str) -> str:
+    """An argument's text; Python hands bytes that are not UTF-8 over as lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidParameterError(f"{what} is not valid UTF-8 (at character {e.start})") from None
+    return value
+
+
+def _stdin_text(what: str) -> str:
+    """All of stdin as UTF-8 text; a closed stdin (`<&-`) or bytes that are not UTF-8 are errors."""
+    if sys.stdin is None:
+        raise GemmarunError(f"no {what}: stdin is closed")
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidParameterError(f"the {what} on stdin is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+
+
 def cmd_generate(args) -> int:
     params = _sampling(args)  # validate before the (slow) load
     if args.prompt_text is not None and args.prompt is not None:
         raise GemmarunError("give the prompt either as an argument or with --prompt, not both")
     prompt = args.prompt if args.prompt is not None else args.prompt_text
     if prompt is None:
-        if sys.stdin.isatty():
+        if sys.stdin is not None and sys.stdin.isatty():
             raise GemmarunError("no prompt: pass it as an argument, with --prompt, or on stdin")
-        prompt = sys.stdin.read()
+        prompt = _stdin_text("prompt")
+    prompt = _argument_text(prompt, "the prompt")
     if prompt == "":
         raise GemmarunError("the prompt is empty")
     lm = _load(args)
@@ -140,14 +162,29 @@ def cmd_chat(args) -> int:
     from .chat import ChatSession, run_repl
 
     params = _sampling(args)
+    if sys.stdin is None:
+        raise GemmarunError("no messages: stdin is closed (chat reads them from a terminal or a pipe)")
+    if args.system is not None:
+        _argument_text(args.system, "--system")
     lm = _load(args)
     notice = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    return run_repl(lm, ChatSession(lm, system=args.system, params=params, notify=notice))
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 are an error, not lone surrogates
+        sys.stdin.reconfigure(errors="strict")
+    return run_repl(lm, ChatSession(lm, system=args.system, params=params, notify=notice), stdin=sys.stdin)
 
 
 def cmd_serve(args) -> int:
     from .server import serve
 
+    if not 0 <= args.port <= 65535:
+        raise InvalidParameterError(f"--port must be from 0 to 65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise InvalidParameterError("--api-key is empty: it would let every request in; give a key or leave the option out")
+    if not 0 <= args.shutdown_timeout <= 3600:  # also refuses NaN
+        raise InvalidParameterError(f"--shutdown-timeout must be from 0 to 3600 seconds, got {args.shutdown_timeout}")
+    for name in ("max_batch", "max_waiting"):
+        if getattr(args, name) < 1:
+            raise InvalidParameterError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(f"serving on {args.host} without --api-key: anyone who can reach it can use it", stacklevel=2)
     if args.prefix_cache_mb < 0:
@@ -162,7 +199,8 @@ def cmd_serve(args) -> int:
         return 0
     serve(_load(args), host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_waiting=args.max_waiting, model_id=args.served_model_name, context=args.context,
-          prefix_cache_mb=args.prefix_cache_mb, metrics_key=args.metrics_key, data_dir=args.data_dir)  # fmt: skip
+          prefix_cache_mb=args.prefix_cache_mb, metrics_key=args.metrics_key, data_dir=args.data_dir,
+          shutdown_timeout=args.shutdown_timeout)  # fmt: skip
     return 0
 
 
@@ -201,10 +239,13 @@ def cmd_quantize(args) -> int:
     from pathlib import Path
 
     from .quant import save_quantized
+    from .quant.checkpoint import check_destination
 
     src = Path(args.src)
     if src.is_file():
         raise GemmarunError(f"{src} is a file; gemmarun quantize takes a checkpoint folder (GGUF files load packed as they are)")
+    if src.is_dir():  # before the (slow) load; a repo id is checked once it resolves, below
+        check_destination(src, args.dst, args.force)
     args.model, args.quantize = args.src, args.scheme
     calibrated = args.scheme == "int4" and not args.no_calibration
     if args.scheme != "int4" and args.calibration is not None:
@@ -220,7 +261,7 @@ def cmd_quantize(args) -> int:
                 raise GemmarunError(f"cannot read the calibration text {args.calibration}: {e}; give a UTF-8 text file") from None
         args.calibration_kwargs = dict(calibration=text, calibration_tokens=args.calibration_tokens)
     lm = _load(args)
-    out = save_quantized(lm, Path(args.dst))
+    out = save_quantized(lm, Path(args.dst), force=args.force)
     how = "" if args.scheme == "int8" else f", groups of {args.group_size}" + (", calibrated" if calibrated else "")
     print(f"wrote {out} ({args.scheme}{how})")
     return 0
@@ -233,6 +274,9 @@ def cmd_bench(args) -> int:
     unknown = engines - {"gemmarun", "transformers", "llama.cpp"}
     if unknown:
         raise GemmarunError(f"unknown engine(s) {', '.join(sorted(unknown))}; choose from gemmarun, transformers, llama.cpp")
+    for name in ("threads", "prefill", "decode"):
+        if getattr(args, name) < 1:
+            raise InvalidParameterError(f"--{name} must be >= 1, got {getattr(args, name)}")
     title = args.shape or args.model or "default model"
     try:
         print(report(title, args.shape, args.model, engines, args.threads, args.prefill, args.decode, args.compile, args.cache_dtype))
@@ -255,7 +299,11 @@ def cmd_models(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, get_task, markdown, write_json
 
-    tasks = [get_task(t) for name in args.task for t in name.split(",") if t]  # validate before the load
+    tasks = [get_task(t.strip()) for name in args.task for t in name.split(",") if t.strip()]  # validate before the load
+    if not tasks:
+        raise InvalidParameterError("--task names no task; give one, e.g. --task piqa")
+    if args.output:
+        _check_writable(args.output)  # before the run, not after an hour of it
     if len(tasks) > 1 and args.data is not None:
         raise GemmarunError("--data names one task's data; run one task at a time with it")
     lm = _load(args)
@@ -276,6 +324,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_writable(path: str) -> None:
+    """Fail now if `path` cannot be written as a file: a folder, or a folder that does not exist."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise GemmarunError(f"--output {p} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise GemmarunError(f"--output {p}: the folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise GemmarunError(f"--output {p}: permission denied")
+
+
 def cmd_perplexity(args) -> int:
     from pathlib import Path
 
@@ -285,7 +346,10 @@ def cmd_perplexity(args) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise GemmarunError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidParameterError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     lm = _load(args)
     window = min(args.window, lm.context)
     n = len(lm.tokenizer.encode(text, add_bos=False))
@@ -299,6 +363,7 @@ def cmd_perplexity(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemmarun", description="Run Gemma 2 and Gemma 3 text models.")
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: GEMMARUN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
@@ -326,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503 (default 64)")
+    s.add_argument("--shutdown-timeout", type=float, default=15.0,
+                   help="seconds running requests get on SIGTERM / Ctrl-C before they end with an error (default 15)")  # fmt: skip
     s.add_argument("--served-model-name", help="model id clients use (default: the folder or file name)")
     s.add_argument("--prefix-cache-mb", type=float, default=1024,
                    help="memory for cached prompt prefixes reused across requests (default 1024; 0 = off)")  # fmt: skip
@@ -382,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPython's reference manual)")  # fmt: skip
     q.add_argument("--calibration-tokens", type=int, default=2048, help="int4: calibration tokens to run (default 2048)")
     q.add_argument("--no-calibration", action="store_true", help="int4: round by the weights alone (faster, less exact)")
+    q.add_argument("--force", action="store_true", help="replace DST when it already holds files (never the source)")
     q.set_defaults(func=cmd_quantize, dtype="float32", device="cpu", context=None, threads=None, cache_dtype="auto")
 
     b = sub.add_parser("bench", help="speed and memory, side by side with transformers and llama.cpp")
@@ -412,14 +480,49 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except GemmarunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ValueError) else 1
-    except KeyboardInterrupt:
+    except BaseException as e:  # noqa: BLE001 - the one place every failure becomes an exit status
+        if args.debug or os.environ.get("GEMMARUN_DEBUG", "") not in ("", "0"):
+            raise
+        return failure(e)
+
+
+def failure(e: BaseException) -> int:
+    """The exit status for an exception that ended a command, after one `error:` line on stderr.
+    Ctrl-C exits 130 quietly (keeping what was printed); a closed pipe downstream exits 0."""
+    if isinstance(e, KeyboardInterrupt):
         print("", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    if isinstance(e, SystemExit):
+        raise e
+    if isinstance(e, BrokenPipeError):
+        # stdout's reader left (`| head`); point stdout at /dev/null so the flush at exit stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    print(f"error: {describe(e)}", file=sys.stderr)
+    if isinstance(e, GemmarunError):
+        return 2 if isinstance(e, ValueError) else 1
+    return 2 if isinstance(e, (UnicodeError, json.JSONDecodeError)) else 1
+
+
+def describe(e: BaseException) -> str:
+    """One line for any exception: our own messages as they are, the OS's with the path it names."""
+    if isinstance(e, GemmarunError):
+        text = str(e)
+    elif isinstance(e, OSError):
+        path = f"{e.filename}: " if e.filename is not None else ""
+        text = f"{path}{e.strerror or e}"
+    elif isinstance(e, UnicodeDecodeError):
+        text = f"input is not valid {e.encoding} (byte {e.start}: {e.reason})"
+    elif isinstance(e, UnicodeError):
+        text = f"text is not valid UTF-8 ({e})"
+    elif isinstance(e, json.JSONDecodeError):
+        text = f"invalid JSON: {e}"
+    elif isinstance(e, MemoryError):
+        text = "out of memory (try a smaller --context or --max-batch, or --quantize int8)"
+    else:  # not a user mistake we know of: say so, and how to get the details for a report
+        text = f"{type(e).__name__}: {e} (a gemmarun bug? rerun with --debug for the traceback)"
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

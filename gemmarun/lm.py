@@ -157,7 +157,7 @@ def load(
     spec = _speculation(speculate, draft, draft_tokens)
     if compile and spec.on:
         raise InvalidParameterError("compile traces one-token decoding steps, speculation verifies several: choose one")
-    device = torch.device(device)
+    device = _device(device)
     torch_dtype = parse_dtype(dtype, device)
     cache_dtype = None if cache_dtype in (None, "auto") else parse_dtype(cache_dtype, device, "cache_dtype")
     if group_size not in (32, 64, 128):
@@ -201,6 +201,26 @@ def _speculation(speculate: str | None, draft, draft_tokens: int | None) -> Spec
     if draft is not None and method != "model":
         raise InvalidParameterError(f"a draft model was given but speculate is {method!r}; use speculate='model'")
     return SpeculativeConfig(method, draft_tokens if draft_tokens is not None else SpeculativeConfig.draft_tokens)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """A device that exists on this machine and can hold weights (meta tensors hold none)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidParameterError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "meta":
+        raise InvalidParameterError("device 'meta' holds no data, so nothing can run on it; use cpu or cuda")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise InvalidParameterError(f"device {device.type!r} is not available on this machine (torch {torch.__version__})")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise InvalidParameterError(f"device {device} does not exist: this machine has {count} {device.type} device(s)")
+    return device
 
 
 class TextGenerationPipeline:

@@ -68,9 +68,10 @@ def test_seeds_at_the_64_bit_edges_sample_with_every_choice_offset(seed):
 class _Body:
     def __init__(self, raw: bytes):
         self.raw = raw
+        self.headers = {"content-length": str(len(raw))}
 
-    async def body(self) -> bytes:
-        return self.raw
+    async def stream(self):
+        yield self.raw
 
 
 def _parse(raw: bytes):

@@ -5,6 +5,6 @@ from gemmarun.chat import ChatSession
 
 from .repl import run_repl
 from .session import ChatSession
-from .template import render_messages
+from .template import ChatPrompt, render_messages, render_prompt
 
-__all__ = ["ChatSession", "render_messages", "run_repl"]
+__all__ = ["ChatPrompt", "ChatSession", "render_messages", "render_prompt", "run_repl"]

@@ -46,6 +46,8 @@ def run_repl(lm, session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO
                 raise
             print("\n[interrupted]", file=stderr)
         except ContextLengthError as e:
+            if not interactive:  # a script's conversation cannot go on as written: stop, non-zero
+                raise
             print(f"error: {e}", file=stderr)
             continue
         stdout.write("\n")

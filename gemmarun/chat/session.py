@@ -11,7 +11,7 @@ from ..generation import core
 from ..generation.sampling import SamplingParams, sample_one
 from ..generation.speculative import SpecRow, decode_round, ring_extra
 from ..model.cache import KVCache
-from .template import render_messages
+from .template import ChatPrompt, render_prompt
 
 
 class ChatSession:
@@ -52,13 +52,13 @@ class ChatSession:
             raise InvalidParameterError("the message is empty")
         tok = self.lm.tokenizer
         turns = self.turns + [{"role": "user", "content": text}]
-        rendered = render_messages(tok, self._messages(turns))
+        rendered = render_prompt(tok, self._messages(turns))
         new = self._new_tokens(rendered)
         reserve = min(self.params.max_new_tokens, self.lm.context // 2)  # room left for the reply
         if new is None or len(self.ids) + len(new) + reserve > self.lm.context:
             turns, rendered = self._fit(turns, rendered, reserve)
             self.cache.reset()
-            self.ids, new = [], tok.encode(rendered)
+            self.ids, new = [], rendered.encode(tok)
         self.turns = turns
         seq = self.lm.generator.new_sequence(self.ids + new, self.params)
         logits = self._feed(new)
@@ -84,14 +84,14 @@ class ChatSession:
             # stop string cut the text short, nor when an interruption left a token unfed.
             self._record(turns, rendered, seq, unfed is None)
 
-    def _record(self, turns: list[dict], rendered: str, seq, matches: bool) -> None:
+    def _record(self, turns: list[dict], rendered: ChatPrompt, seq, matches: bool) -> None:
         # Interrupted or not, the reply so far is part of the conversation.
         self.turns = turns + [{"role": "assistant", "content": seq.text}]
-        self._rendered, self._reply = rendered, seq.text
+        self._rendered, self._reply = rendered.text, seq.text
         self._cache_matches_text = matches
         self.last_prompt, self.last_result = seq.prompt, seq.result()
 
-    def _send_speculative(self, turns: list[dict], rendered: str, seq, logits: torch.Tensor) -> Iterator[str]:
+    def _send_speculative(self, turns: list[dict], rendered: ChatPrompt, seq, logits: torch.Tensor) -> Iterator[str]:
         """send()'s loop in speculative rounds (generation/speculative.py) over the session's cache."""
         pieces: list[str] = []
 
@@ -122,31 +122,31 @@ class ChatSession:
             stop_string = seq.finish_reason == "stop" and (not seq.ids or seq.ids[-1] not in seq.stop_ids)
             self._record(turns, rendered, seq, not stop_string)
 
-    def _new_tokens(self, rendered: str) -> list[int] | None:
+    def _new_tokens(self, rendered: ChatPrompt) -> list[int] | None:
         """The tokens that extend the cache to `rendered`, or None when the cache cannot be extended."""
         if not self.ids:
-            return self.lm.tokenizer.encode(rendered)
-        if not self._cache_matches_text or not rendered.startswith(self._rendered):
+            return rendered.encode(self.lm.tokenizer)
+        if not self._cache_matches_text or not rendered.text.startswith(self._rendered):
             return None
-        rest = rendered[len(self._rendered) :]
+        rest = rendered.text[len(self._rendered) :]
         reply = self._reply.strip()  # templates trim the reply; the cache keeps it as generated
         if not rest.startswith(reply):
             return None
-        return self.lm.tokenizer.encode(rest[len(reply) :], add_bos=False)
+        return rendered.after(len(self._rendered) + len(reply)).encode(self.lm.tokenizer, add_bos=False)
 
-    def _fit(self, turns: list[dict], rendered: str, reserve: int) -> tuple[list[dict], str]:
+    def _fit(self, turns: list[dict], rendered: ChatPrompt, reserve: int) -> tuple[list[dict], ChatPrompt]:
         """Drop the oldest user/assistant pairs until the conversation and a reply fit the context."""
         tok, context = self.lm.tokenizer, self.lm.context
         dropped = 0
-        while len(tok.encode(rendered)) + reserve > context:
+        while len(rendered.encode(tok)) + reserve > context:
             if len(turns) <= 1:
                 raise ContextLengthError(
-                    f"this message has {len(tok.encode(rendered))} tokens with the template, and with {reserve} "
+                    f"this message has {len(rendered.encode(tok))} tokens with the template, and with {reserve} "
                     f"left for the reply that exceeds the context of {context}; shorten it or lower --max-new-tokens"
                 )
             turns = turns[2:]
             dropped += 1
-            rendered = render_messages(tok, self._messages(turns))
+            rendered = render_prompt(tok, self._messages(turns))
         if dropped:
             self.notify(f"[context full: dropped the oldest {dropped} exchange(s)]")
         return turns, rendered

@@ -65,9 +65,12 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
     if name.endswith(".json"):
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise DataNotFoundError(f"{path}: not JSON ({str(e).splitlines()[0][:100]})") from None
         if isinstance(data, dict):  # BIG-Bench Hard: {"examples": [...]}; some releases: {"data": [...]}
             data = data.get("examples", data.get("data"))
         if not isinstance(data, list):
@@ -76,6 +79,16 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     if name.endswith(".parquet") or name.endswith(".arrow"):
         return _read_arrow(path)
     raise DataNotFoundError(f"{path}: unknown format; use .jsonl, .jsonl.gz, .json, .parquet or .arrow")
+
+
+def _json_line(line: str, path: Path, n: int) -> dict:
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise DataNotFoundError(f"{path} line {n}: not JSON ({str(e).splitlines()[0][:100]})") from None
+    if not isinstance(record, dict):
+        raise DataNotFoundError(f"{path} line {n}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _read_arrow(path: Path) -> list[dict]:

@@ -76,7 +76,7 @@ class Task:
         if split is None:
             looked = f"in {data}" if data is not None else "in the Hugging Face caches or the eval packages"
             raise DataNotFoundError(f"no {self.name} data found {looked}; {where_to_get(self.dataset, self.eval_splits)}")
-        docs = [d for d in (self.prepare(dict(r)) for r in split.records) if d is not None]
+        docs = [d for d in (self._prepare(r, i, split) for i, r in enumerate(split.records, 1)) if d is not None]
         if not docs:
             raise DataNotFoundError(f"{split.source}: no usable {self.name} records in split {split.name!r}")
         pool: Split | None = None
@@ -87,10 +87,19 @@ class Task:
                 pool = find_split(self.dataset, self.shot_splits, data)
         return self.select(docs, pool, split.name, split.source, k, limit, seed)
 
+    def _prepare(self, record, index: int, split: Split) -> dict | None:
+        """prepare() of one record; a record whose fields have the wrong type or are missing is the data's fault."""
+        try:
+            return self.prepare(dict(record))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise DataNotFoundError(
+                f"{split.source}: record {index} of split {split.name!r} is not a {self.name} record ({type(e).__name__}: {e})"
+            ) from None
+
     def select(self, docs: list[dict], pool: Split | None, split: str, source: str, k: int, limit, seed) -> Loaded:
         """Draw k examples per group (from `pool`, else held out of `docs`) and apply `limit`."""
         groups: dict[object, list[dict]] = {}
-        for d in docs if pool is None else (self.prepare(dict(r)) for r in pool.records):
+        for d in docs if pool is None else (self._prepare(r, i, pool) for i, r in enumerate(pool.records, 1)):
             if d is not None:
                 groups.setdefault(self.group(d), []).append(d)
         chosen: dict[object, list[dict]] = {}

@@ -63,6 +63,7 @@ class Engine:
         self.tokens = 0  # tokens sampled
         self.error: BaseException | None = None  # set if the loop itself died
         self._thread: threading.Thread | None = None
+        self._close_reason = "the engine shut down before finishing this request"  # what unfinished requests are told
 
     # -- the caller's side -----------------------------------------------------------------------
 
@@ -126,13 +127,15 @@ class Engine:
         with self._lock:
             return self._thread is not None and self._thread.is_alive() and not self.scheduler.closed
 
-    def close(self) -> None:
-        """Stop the thread; requests still queued or running end with EngineClosedError."""
+    def close(self, reason: str | None = None) -> None:
+        """Stop the thread; requests still queued or running end with EngineClosedError(reason)."""
+        if reason is not None:
+            self._close_reason = reason
         self.scheduler.close()
         with self._lock:
             thread = self._thread
         if thread is None:  # never started: nothing runs, answer what is queued here
-            self.scheduler.shutdown(EngineClosedError("the engine shut down before finishing this request"))
+            self.scheduler.shutdown(EngineClosedError(self._close_reason))
         elif threading.current_thread() is not thread:
             thread.join()
 
@@ -167,7 +170,7 @@ class Engine:
                 self.error = e
             raise
         finally:
-            scheduler.shutdown(EngineClosedError("the engine shut down before finishing this request"))
+            scheduler.shutdown(EngineClosedError(self._close_reason))
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,36 @@ GLOBAL = "full_attention"
 
 GEMMA2_TYPES = ("gemma2",)
 GEMMA3_TYPES = ("gemma3_text", "gemma3")
+
+# Bounds on what sizes something, checked before anything is allocated: each is far past any Gemma
+# (262144 pieces, 5376 wide, 62 layers, 128k positions) and far below what would exhaust memory
+# building tables or placeholders from a corrupt value (1e9 layers would build a 1e9-entry list).
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "sliding_window": 1 << 24,
+    "max_position_embeddings": 1 << 24,
+}
+
+
+def checked_size(name: str, value, source: str = "config") -> int:
+    """An integer field that sizes something: a whole number from 1 to SIZE_LIMITS[name]."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value != value
+        or isinstance(value, float)
+        and not value.is_integer()
+    ):
+        raise ConfigError(f"{source} field {name} must be a positive integer, got {value!r}")
+    if not 1 <= value <= SIZE_LIMITS[name]:
+        raise ConfigError(f"{source} field {name} is {int(value)}; it must be from 1 to {SIZE_LIMITS[name]}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -45,6 +76,7 @@ class GemmaConfig:
     extra_eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
+        self._check_values()
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"config has {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers; fix config.json")
         bad = set(self.layer_types) - {SLIDING, GLOBAL}
@@ -52,6 +84,34 @@ class GemmaConfig:
             raise ConfigError(f"unsupported layer type(s) {sorted(bad)}; expected {SLIDING!r} or {GLOBAL!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    def _check_values(self) -> None:
+        """Every size within SIZE_LIMITS, every float finite and of the sign the maths needs."""
+        for name in SIZE_LIMITS:
+            checked_size(name, getattr(self, name))
+        if self.head_dim % 2:
+            raise ConfigError(f"config field head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        positive = {
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "rope_theta": self.rope_theta,
+            "rope_local_theta": self.rope_local_theta,
+            "rope_scaling_factor": self.rope_scaling_factor,
+            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "final_logit_softcapping": self.final_logit_softcapping,
+        }
+        for name, v in positive.items():
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"config field {name} must be a finite number > 0, got {v!r}")
+        # 0 divides by zero on an all-zero row; 1 or more swamps every activation
+        if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):
+            raise ConfigError(f"config field rms_norm_eps must be in (0, 1), got {self.rms_norm_eps!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if not 0 <= v < self.vocab_size:
+                raise ConfigError(f"config field {name} is {v}, outside the vocabulary (0..{self.vocab_size - 1})")
+        bad = [i for i in self.extra_eos_token_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ConfigError(f"config field eos_token_id holds {bad[0]}, outside the vocabulary (0..{self.vocab_size - 1})")
 
     @property
     def is_gemma2(self) -> bool:
@@ -75,6 +135,8 @@ class GemmaConfig:
         """Build from a Hugging Face config.json dict (old and v5 layouts)."""
         model_type = raw.get("model_type")
         if model_type == "gemma3" and "text_config" in raw:
+            if not isinstance(raw["text_config"], dict):
+                raise ConfigError(f"config.json field text_config must be an object, got {type(raw['text_config']).__name__}")
             text = dict(raw["text_config"])
             text.setdefault("model_type", "gemma3_text")
             return cls.from_hf(text)
@@ -82,9 +144,9 @@ class GemmaConfig:
             raise ConfigError(f"unsupported model_type {model_type!r}; gemmarun runs gemma2 and gemma3_text checkpoints")
         gemma2 = model_type == "gemma2"
         try:
-            n_layers = int(raw["num_hidden_layers"])
-            hidden = int(raw["hidden_size"])
-            heads = int(raw["num_attention_heads"])
+            n_layers = checked_size("num_hidden_layers", raw["num_hidden_layers"], "config.json")  # before the layer list
+            hidden = checked_size("hidden_size", raw["hidden_size"], "config.json")
+            heads = checked_size("num_attention_heads", raw["num_attention_heads"], "config.json")
             head_dim = int(raw.get("head_dim") or hidden // heads)
             layer_types = raw.get("layer_types")
             if layer_types is None:
@@ -96,6 +158,8 @@ class GemmaConfig:
             rope_theta, local_theta, factor = _rope_from_hf(raw, gemma2)
             eos = raw.get("eos_token_id", 1)
             eos_list = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+            if not eos_list:
+                raise ConfigError("config.json field eos_token_id is an empty list; give at least one id")
             return cls(
                 model_type="gemma2" if gemma2 else "gemma3_text",
                 vocab_size=int(raw["vocab_size"]),
@@ -125,16 +189,16 @@ class GemmaConfig:
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"config.json has a malformed field: {e}") from None
+        except (TypeError, ValueError, OverflowError, AttributeError) as e:  # a field of the wrong type or an infinite count
+            raise ConfigError(f"config.json has a malformed field: {str(e)[:200]}") from None
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> GemmaConfig:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from None
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({str(e)[:120]}); re-download the checkpoint") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} does not hold a JSON object")
         return cls.from_hf(raw)
@@ -185,6 +249,9 @@ def _opt_float(v) -> float | None:
 def _rope_from_hf(raw: dict, gemma2: bool) -> tuple[float, float, float]:
     """(global base, local base, global linear factor) from either config layout."""
     params = raw.get("rope_parameters")
+    for name in ("rope_parameters", "rope_scaling"):
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise ConfigError(f"config.json field {name} must be an object, got {raw[name]!r:.40}")
     if isinstance(params, dict) and GLOBAL in params:  # transformers v5, per layer kind
         glob = params[GLOBAL] or {}
         loc = params.get(SLIDING) or {}

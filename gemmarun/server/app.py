@@ -45,6 +45,8 @@ class Server:
                  metrics_key: str | None = None, data_dir=None):  # fmt: skip
         self.lm, self.engine, self.tokenizer = lm, engine, lm.tokenizer
         self.model_id = model_id or model_id_for(lm.source)
+        if api_key is not None and not api_key.strip():
+            raise InvalidParameterError("the API key is empty: every request would pass; give a key or none")
         self.api_key = api_key
         self.metrics_key = metrics_key  # /metrics asks for this key when given, else for api_key
         self.metrics = Metrics(engine)
@@ -92,6 +94,10 @@ class Server:
         async def api_error(request, exc: APIError):
             return exc.response()
 
+        @app.exception_handler(Exception)
+        async def internal_error(request, exc: Exception):  # a fault of ours: still OpenAI's shape (and logged by uvicorn)
+            return APIError(500, f"internal error: {type(exc).__name__}: {exc}"[:300], type="server_error").response()
+
         @app.exception_handler(StarletteHTTPException)
         async def http_error(request, exc: StarletteHTTPException):
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
@@ -133,12 +139,14 @@ class Server:
 
         @v1.post("/completions")
         async def completions(request: HTTPRequest):
-            parsed = parse_completion(await json_body(request), server.tokenizer, server.model_id)
+            body = await json_body(request)  # tokenising happens off the event loop: /health and streams keep moving
+            parsed = await asyncio.to_thread(parse_completion, body, server.tokenizer, server.model_id, server.engine.context)
             return await server.respond(request, parsed, chat=False)
 
         @v1.post("/chat/completions")
         async def chat_completions(request: HTTPRequest):
-            parsed = parse_chat(await json_body(request), server.tokenizer, server.model_id, server.engine.context)
+            body = await json_body(request)
+            parsed = await asyncio.to_thread(parse_chat, body, server.tokenizer, server.model_id, server.engine.context)
             return await server.respond(request, parsed, chat=True)
 
         # The chat page: open like /health (it asks for the API key itself and sends it to /v1).
@@ -213,15 +221,19 @@ SERVE_PREFIX_CACHE_MB = 1024  # default prefix-cache memory: a few long conversa
 def serve(lm, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 8,
           max_waiting: int = 64, model_id: str | None = None, context: int | None = None,
           log_level: str = "info", prefix_cache_mb: float = SERVE_PREFIX_CACHE_MB,
-          metrics_key: str | None = None, data_dir=None) -> None:  # fmt: skip
+          metrics_key: str | None = None, data_dir=None, shutdown_timeout: float = 15.0) -> None:  # fmt: skip
     """Run the server until interrupted. `context` defaults to the model's, capped at 8192; the Batch
-    API keeps its files and batches under `data_dir` (a temporary folder if None)."""
-    import uvicorn
+    API keeps its files and batches under `data_dir` (a temporary folder if None). On SIGTERM or
+    Ctrl-C, running requests get `shutdown_timeout` seconds to finish, then end with an error event."""
+    from .shutdown import run
+
+    if not (isinstance(shutdown_timeout, (int, float)) and 0 <= shutdown_timeout <= 3600):
+        raise InvalidParameterError(f"shutdown_timeout must be from 0 to 3600 seconds, got {shutdown_timeout!r}")
 
     context = context or min(lm.context, SERVE_CONTEXT)
     with Engine(lm, max_batch=max_batch, max_waiting=max_waiting, context=context, prefix_cache_mb=prefix_cache_mb) as engine:
         server = Server(lm, engine, model_id, api_key, metrics_key, data_dir)
         try:
-            uvicorn.run(server.app, host=host, port=port, log_level=log_level)
+            run(server.app, engine, host, port, shutdown_timeout, log_level)
         finally:
             server.close()

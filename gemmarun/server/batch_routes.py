@@ -16,6 +16,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse
 
 from ..batch.store import COMPLETION_WINDOW, NotFound, Store
+from .limits import read_body
 from .requests import json_body
 from .responses import APIError
 
@@ -74,9 +75,7 @@ def batch_router(service: BatchService) -> APIRouter:
 
     @router.post("/files")
     async def upload(request: HTTPRequest):
-        raw = await request.body()
-        if len(raw) > MAX_UPLOAD:
-            raise APIError(413, f"the file exceeds {MAX_UPLOAD // 2**20} MB", param="file")
+        raw = await read_body(request, MAX_UPLOAD)  # a 413 as soon as the upload is known to be larger
         fields = _form(request.headers.get("content-type", ""), raw)
         if "file" not in fields:
             raise APIError(400, "the form has no 'file' field", param="file")

@@ -10,11 +10,12 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..chat import render_messages
+from ..chat import render_prompt
 from ..chat.tools import ToolChoice, render_history
 from ..errors import InvalidParameterError
 from ..generation.engine import Request
 from ..generation.sampling import SamplingParams
+from .limits import check_text_fits, note_ignored, read_body
 from .responses import APIError
 from .structured import chat_tools, request_constraint
 
@@ -131,13 +132,18 @@ def check_model(body: dict, model_id: str) -> None:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_id}'", param="model", code="model_not_found")
 
 
-def parse_completion(body: dict, tokenizer, model_id: str) -> Parsed:
-    """A /v1/completions body: prompts as text, token ids or lists of either."""
+def parse_completion(body: dict, tokenizer, model_id: str, context: int | None = None) -> Parsed:
+    """A /v1/completions body: prompts as text, token ids or lists of either; a text that cannot fit
+    `context` is refused from its length, before it is tokenised."""
     check_model(body, model_id)
     _check(not body.get("tools"), "tools", "apply to /v1/chat/completions only")
+    note_ignored(body, chat=False, vocab_size=tokenizer.vocab_size)
     params, n, stream, include_usage = _common(body, default_max_tokens=16)  # OpenAI's default
     prompt = body.get("prompt")
     vocab = tokenizer.vocab_size
+    for text in [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []:
+        if isinstance(text, str):
+            check_text_fits(text, tokenizer, context, "prompt")
     if isinstance(prompt, str):
         prompts, texts = [tokenizer.encode(prompt)], [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -165,27 +171,30 @@ def parse_chat(body: dict, tokenizer, model_id: str, context: int) -> Parsed:
     """A /v1/chat/completions body, its messages rendered as Gemma turns; max_tokens defaults to
     `context`, the engine's tokens per row."""
     check_model(body, model_id)
+    note_ignored(body, chat=True, vocab_size=tokenizer.vocab_size)
     tools = chat_tools(body)
     params, n, stream, include_usage = _common(body, default_max_tokens=context, tools=tools)
     messages = body.get("messages")
     _check(isinstance(messages, list) and len(messages) > 0, "messages", "must be a non-empty list of messages")
     try:
-        text = render_messages(tokenizer, render_history(messages, tools))
+        # message text stays text (it cannot forge turns), the tool results and calls included
+        rendered = render_prompt(tokenizer, render_history(messages, tools))
     except InvalidParameterError as e:
         raise APIError(400, str(e), param="messages") from None
+    check_text_fits(rendered.text, tokenizer, context, "messages")
     want = _get(body, "logprobs", "boolean", False)
     top = _get(body, "top_logprobs", "integer")
     _check(top is None or 0 <= top <= MAX_LOGPROBS, "top_logprobs", f"must be between 0 and {MAX_LOGPROBS}")
     _check(top is None or want, "top_logprobs", "needs 'logprobs': true")
     logprobs = (top or 0) if want else None
-    prompt = tokenizer.encode(text)
-    parsed = Parsed([prompt], [text], params, n, stream, include_usage, logprobs, tools=tools)
+    prompt = rendered.encode(tokenizer)
+    parsed = Parsed([prompt], [rendered.text], params, n, stream, include_usage, logprobs, tools=tools)
     parsed.requests = [Request(prompt, params, logprobs, seed_offset=j) for j in range(n)]
     return parsed
 
 
 async def json_body(request: HTTPRequest) -> dict:
-    raw = await request.body()
+    raw = await read_body(request)
     try:
         body = json.loads(raw)
     except RecursionError:  # JSON nested thousands of levels deep

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,8 @@ class Tokenizer:
         # the ones Gemma always treats as such (a small test vocab may list turns as user-defined).
         self._special_ids = frozenset(set(engine.matched_specials.values()) | extra_special_ids | turn_ids | named)
         self._splitter = _SpecialSplitter(engine.matched_specials)
+        self._guard_splitter: _SpecialSplitter | None = None  # built on first use (it encodes each special)
+        self._max_piece_bytes: int | None = None  # computed on first use (a pass over the vocabulary)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -123,9 +126,9 @@ class Tokenizer:
         elif path.suffix == ".model":
             try:
                 sp = spm.SentencePieceProcessor(model_file=str(path))
+                engine = _SentencePieceEngine(sp)  # reads every piece: one that is not UTF-8 fails here
             except Exception as e:  # RuntimeError or OSError, depending on how the parse fails
                 raise CheckpointError(f"{path}: not a readable SentencePiece model ({_one_line(e)})") from None
-            engine = _SentencePieceEngine(sp)
             fallback = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
             extra = frozenset()
         else:
@@ -166,7 +169,7 @@ class Tokenizer:
             scores, types = np.asarray(arrays[1], np.float32), np.asarray(arrays[2], np.int64)
             if scores.ndim != 1 or types.ndim != 1:
                 raise TypeError("nested arrays")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a type id past 64 bits
             raise CheckpointError(
                 "GGUF tokenizer tokens, scores and token_type must be arrays of strings, floats and integers; the file is corrupt"
             ) from None
@@ -181,6 +184,8 @@ class Tokenizer:
             i = fields.get(f"tokenizer.ggml.{key}_token_id")
             if i is None:
                 return None
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise CheckpointError(f"GGUF {key}_token_id must be an integer, got {type(i).__name__}; the file is corrupt")
             if not 0 <= int(i) < len(pieces):
                 raise CheckpointError(f"GGUF {key}_token_id {i} is outside the vocabulary ({len(pieces)})")
             return int(i)
@@ -198,13 +203,17 @@ class Tokenizer:
         for i in np.flatnonzero(types == _USER_DEFINED):
             pieces[i] = pieces[i].replace(" ", "\u2581")
         charsmap = fields.get("tokenizer.ggml.precompiled_charsmap")
+        try:
+            charsmap = bytes(charsmap) if charsmap else b""
+        except (TypeError, ValueError):
+            raise CheckpointError("GGUF tokenizer.ggml.precompiled_charsmap must be an array of bytes; the file is corrupt") from None
         proto = _sentencepiece_proto(
             pieces,
             scores,
             types,
             unk,
             add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", False)),
-            charsmap=bytes(charsmap) if charsmap else b"",
+            charsmap=charsmap,
         )
         try:
             sp = spm.SentencePieceProcessor(model_proto=proto)
@@ -242,6 +251,14 @@ class Tokenizer:
                 out.append(piece.replace("\u2581", " ").encode("utf-8"))
         return out
 
+    @property
+    def max_piece_bytes(self) -> int:
+        """The most UTF-8 bytes one token's piece is spelt with (pieces' "▁" counted as 3, an overcount):
+        text of B bytes has at least B / this many tokens (the server refuses long prompts with it)."""
+        if self._max_piece_bytes is None:
+            self._max_piece_bytes = max(len(self._engine.piece(i).encode("utf-8", "surrogatepass")) for i in range(self.vocab_size))
+        return self._max_piece_bytes
+
     def _check_id(self, i) -> int:
         i = int(i)
         if not 0 <= i < self.vocab_size:
@@ -250,14 +267,63 @@ class Tokenizer:
 
     # -- encode / decode -----------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, literal: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """Token ids of `text`; special-token text is a control token except inside the `literal`
+        (start, end) character spans, where it stays text (chat message content cannot forge turns)."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # the engines take UTF-8; a lone surrogate has none
+                raise InvalidParameterError(
+                    f"the text holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start})"
+                ) from None
         ids: list[int] = []
-        for part in self._splitter.split(text):
+        for part in self._parts(text, literal) if literal else self._splitter.split(text):
             ids.extend([part] if isinstance(part, int) else self._engine.encode(part))
         # Exactly one BOS (pitfall 8): a prompt rendered from a chat template already starts with it.
         if add_bos and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
+
+    def _parts(self, text: str, literal: Sequence[tuple[int, int]]) -> list[str | int]:
+        """The splitter's parts, with special-token text inside `literal` spans kept as text: its
+        first character is cut from the rest, so neither the splitter nor the engine (SentencePiece's
+        user-defined pieces, `tokenizers`' added tokens) can match it whole. Text elsewhere is joined
+        across span edges exactly as without spans, so content free of such text encodes the same."""
+        parts: list[str | int] = []
+
+        def add(part: str | int, join: bool = True) -> None:
+            if part == "":
+                return
+            if join and isinstance(part, str) and parts and isinstance(parts[-1], str):
+                parts[-1] += part
+            else:
+                parts.append(part)
+
+        pos = 0
+        for start, end in sorted(literal):
+            for part in self._splitter.split(text[pos:start]):
+                add(part)
+            for part in self._guard().split(text[max(start, pos) : end]):
+                if isinstance(part, int):
+                    piece = self._engine.piece(part)
+                    add(piece[:1])
+                    add(piece[1:], join=False)
+                else:
+                    add(part)
+            pos = max(pos, end)
+        for part in self._splitter.split(text[pos:]):
+            add(part)
+        return parts
+
+    def _guard(self) -> _SpecialSplitter:
+        """The special tokens whose text would come out as the token itself: through the splitter or
+        the engine's own matching."""
+        if self._guard_splitter is None:
+            pieces = {self._engine.piece(i): i for i in sorted(self._special_ids)}
+            matched = {p: i for p, i in pieces.items() if p and (p in self._splitter.specials or i in self._engine.encode(p))}
+            self._guard_splitter = _SpecialSplitter(matched)
+        return self._guard_splitter
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [self._check_id(i) for i in _as_ids(ids)]

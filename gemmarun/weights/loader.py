@@ -67,6 +67,10 @@ def build_model(
         shape = (t.q.shape[0], t.in_features) if isinstance(t, Packed) else tuple(t.shape)
         if shape != expected[name]:
             raise CheckpointError(f"{source}: tensor {name} has shape {shape}, the config implies {expected[name]}")
+        if not isinstance(t, Packed) and not t.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name} is stored as {t.dtype}; Gemma's weights are floating point")
+        if "norm" in name and not isinstance(t, Packed) and not torch.isfinite(t).all():  # small: checked whole
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values; the checkpoint is corrupt")
         if isinstance(t, Packed):
             packed[name] = t
         elif quantize and is_quantizable(name):

@@ -60,9 +60,12 @@ def _check_size(path: Path) -> None:
             raise CheckpointError(f"{path} is truncated or corrupt (header of {n} bytes in a {size}-byte file)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{path} has a corrupt header; re-download it") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):  # not {name: {dtype, shape, data_offsets}}
+        raise CheckpointError(f"{path} has a corrupt header (not a safetensors tensor table); re-download it") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; re-download it")
 

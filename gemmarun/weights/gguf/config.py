@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import ConfigError
-from ...model.config import GLOBAL, SLIDING, GemmaConfig
+from ...model.config import GLOBAL, SLIDING, GemmaConfig, checked_size
 
 ARCHITECTURES = ("gemma2", "gemma3")
 
@@ -46,9 +46,9 @@ def config_from_gguf(metadata: dict, *, vocab_size: int | None = None) -> GemmaC
             v = v[0]
         return v
 
-    n_layers = int(key("block_count"))
-    hidden = int(key("embedding_length"))
-    heads = int(key("attention.head_count"))
+    n_layers = checked_size("num_hidden_layers", key("block_count"), f"GGUF {arch}.block_count:")
+    hidden = checked_size("hidden_size", key("embedding_length"), f"GGUF {arch}.embedding_length:")
+    heads = checked_size("num_attention_heads", key("attention.head_count"), f"GGUF {arch}.attention.head_count:")
     head_dim = int(key("attention.key_length", hidden // heads))
     if int(key("attention.value_length", head_dim)) != head_dim:
         raise ConfigError(f"GGUF {arch}.attention.value_length differs from key_length; Gemma uses one head_dim")

@@ -153,6 +153,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
     tensors = {}
     for name, ne, ggml_type, offset in infos:
         nbytes = _nbytes(path, name, ne, ggml_type)
+        if offset % align:  # llama.cpp writes every tensor at a multiple of it; a moved one reads shifted bytes
+            raise CheckpointError(
+                f"{path}: tensor {name} starts at offset {offset}, not a multiple of the file's alignment {align}; the file is corrupt"
+            )
         start = data_start + offset
         if start + nbytes > cur.size:
             raise CheckpointError(
