@@ -140,6 +140,16 @@ def _build_lock(build: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# Variants this process is compiling or waiting on another process to compile: the server's
+# /health shows them, since a fresh build makes the first request take up to a minute.
+_building: set[str] = set()
+
+
+def status() -> dict:
+    """What the kernels are doing, read without building anything: {"building": [variant, ...]}."""
+    return {"building": sorted(_building)}
+
+
 @cache
 def module(name: str):
     """The compiled extension of one variant (built on first use), or None if it cannot be built.
@@ -150,6 +160,7 @@ def module(name: str):
         from torch.utils.cpp_extension import load
 
         build = _build_dir(name)
+        _building.add(name)
         with _build_lock(build):
             if not list(build.glob("*.so")):
                 print(f"gemmarun: compiling the {name} kernels (once, about a minute)", file=sys.stderr, flush=True)
@@ -166,6 +177,8 @@ def module(name: str):
             f"the {name} kernels could not be built ({type(e).__name__}: {str(e)[:200]}); using the slower portable path", stacklevel=2
         )
         return None
+    finally:
+        _building.discard(name)
 
 
 @lru_cache(maxsize=1)

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import kernels
 from ..errors import ContextLengthError, InvalidParameterError
 from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
 from .batch_routes import BatchService, batch_router
@@ -125,7 +126,8 @@ class Server:
         async def health():
             if not server.engine.healthy:
                 return JSONResponse({"status": "error", "error": str(server.engine.error or "engine stopped")}, 503)
-            return {"status": "ok", "model": server.model_id, **server.engine.stats()}
+            # kernels_building: the first request waits while these compile (once per machine and version)
+            return {"status": "ok", "model": server.model_id, **server.engine.stats(), "kernels_building": kernels.status()["building"]}
 
         @v1.get("/models")
         async def models():
