@@ -198,8 +198,7 @@ class GrammarState:
         if logits.device.type != "cpu":
             return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
         # numpy, single-threaded: torch's masked_fill, ~ and any() over 262k ids each went through
-        # its intra-op pool and cost 20-55 ms on a loaded 2-core machine (numpy: 6 ms there, well
-        # under 1 ms idle; benchmarks/structured.py)
+        # its intra-op pool and cost 20-55 ms on a loaded 2-core machine (numpy: 6 ms there)
         out = logits.numpy().copy()
         np.putmask(out, ~allowed, -np.inf)
         return torch.from_numpy(out)
