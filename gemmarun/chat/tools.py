@@ -4,7 +4,7 @@ valid JSON matching the function's parameter schema, and the reply read back as 
 
 A call is written as Google's prompt asks, `{"name": function name, "parameters": {...}}`; several
 calls (parallel_tool_calls) as a JSON list of them. tool_choice "auto" allows plain text or a call
-(text may not start with "{" or "["), "required" a call to any tool, a named function a call to that
+(text may not start with white space, "{" or "["), "required" a call to any tool, a named function a call to that
 one, "none" no call. The conversation goes back into the prompt in Gemma's turns: an assistant
 message's tool_calls as the call JSON it wrote, a `tool` message as a user turn holding a
 ```tool_output block (the wrapping Google's Gemma 3 examples use), consecutive turns merged.

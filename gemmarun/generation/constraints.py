@@ -168,8 +168,8 @@ class GrammarState:
         import llguidance
 
         self.width = width  # the logits' width; the tokenizer may hold fewer ids (or more)
-        self.stop_ids = torch.tensor(sorted(i for i in stop_ids if i < width), dtype=torch.long)
-        self.eos_ids = torch.tensor(sorted(i for i in tokenizer.stop_ids if i < width), dtype=torch.long)
+        self.stop_ids = np.array(sorted(i for i in stop_ids if i < width), dtype=np.int64)
+        self.eos_ids = np.array(sorted(i for i in tokenizer.stop_ids if i < width), dtype=np.int64)
         self.matcher = llguidance.LLMatcher(token_table(tokenizer, width), constraint.grammar, log_level=0)
         if self.matcher.is_error():
             raise InvalidParameterError(f"invalid {_WHAT[constraint.kind]}: {_first_lines(self.matcher.get_error())}")
@@ -181,18 +181,27 @@ class GrammarState:
 
     def allowed(self) -> torch.Tensor:
         """Which ids (width,) may come next: the grammar's, with the stop ids exactly when it accepts."""
+        return torch.from_numpy(self._allowed())
+
+    def _allowed(self) -> np.ndarray:
         self._next.result()
-        allowed = torch.from_numpy(np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.width].astype(bool))
+        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.width].view(bool)  # (width,)
         allowed[self.eos_ids] = False  # llguidance's end of text is ours only through the stop ids
-        accepting = self.matcher.is_accepting()
-        allowed[self.stop_ids] = accepting
+        allowed[self.stop_ids] = self.matcher.is_accepting()
         if not allowed.any():  # a grammar that accepts but admits nothing with ignore_eos: end it anyway
             allowed[self.eos_ids] = True
         return allowed
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (V,) with every id the grammar forbids at -inf (a new tensor)."""
-        return logits.masked_fill(~self.allowed(), float("-inf"))
+        allowed = self._allowed()
+        if logits.device.type != "cpu":
+            return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
+        # numpy, single-threaded: torch's masked_fill, ~ and any() over 262k ids each went through
+        # its intra-op pool and cost 20-55 ms on a loaded 2-core machine (numpy: 6 ms there)
+        out = logits.numpy().copy()
+        np.putmask(out, ~allowed, -np.inf)
+        return torch.from_numpy(out)
 
     def advance(self, token: int) -> bool:
         """Consume a sampled token; True when the grammar admits nothing more (the sequence is done)."""
