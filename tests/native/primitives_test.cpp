@@ -186,6 +186,7 @@ void check_qmatmul() {
                   s.mins ? " mins" : "", s.zero);
     Check vs_generic(std::string(name) + " vs generic");
     Check vs_f64(std::string(name) + " generic vs f64");
+    Check batch(std::string(name) + " batch rows equal one-row bits");
     for (int64_t K : {64, 128, 384}) {
       const int group = s.group ? s.group : int(K);
       if (K % group) continue;
@@ -194,6 +195,12 @@ void check_qmatmul() {
         for (int64_t M : Ms) {
           const std::vector<float> x = randn(M * K);
           const std::vector<float> yg = qmatmul<G>(x, M, m), yv = qmatmul<V>(x, M, m);
+          // A row of a batch has the bits it has alone (speculative verification relies on it).
+          for (int64_t i = 0; M > 1 && i < M; ++i) {
+            const std::vector<float> row(x.begin() + i * K, x.begin() + (i + 1) * K);
+            const std::vector<float> og = qmatmul<G>(row, 1, m), ov = qmatmul<V>(row, 1, m);
+            batch(std::memcmp(og.data(), yg.data() + i * N, N * sizeof(float)) || std::memcmp(ov.data(), yv.data() + i * N, N * sizeof(float)) ? 1.0 : 0.0, 0.0);
+          }
           for (int64_t i = 0; i < M; ++i)
             for (int64_t n = 0; n < N; ++n) {
               double ref = 0, mag = 0, amax = 0;

@@ -10,6 +10,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../isa/common.h"
@@ -53,20 +54,28 @@ inline void group_sums(const QuantisedRows& xq, int64_t M, int64_t K, int64_t gr
 }
 
 // NR weight rows [n0, n0 + NR) against MB activation rows [m0, m0 + MB): template arguments, so
-// the NR * MB accumulators live in registers. Batches share each weight load across MB rows. One
-// row alone keeps one weight row (several interleaved rows halved the memory streaming rate on the
-// 262k-row LM head) and alternates two accumulators, so FMA latency does not bound it.
+// the accumulators live in registers. Batches share each weight load across MB rows.
+//
+// Every (weight row, activation row) pair sums its blocks in one fixed order whatever NR and MB
+// are: two accumulators, block b of each pair of blocks into the first and b + 1 into the second
+// (pairs counted from the start of the row, or of each weight group when a scale spans several
+// blocks; a block left over goes to the first), each block added as one FMA of its int32 sum and
+// its scale product. So a row's result has the same bits in a batch of any size as alone, which
+// makes a speculative verify forward of k + 1 positions give exactly the logits of k + 1 single
+// decoding steps. Two chains also keep FMA latency from bounding one row.
 // EXTRA: the weights have a zero or mins, added from the block sums.
 template <class I, int NR, int MB, int BITS, bool EXTRA, typename S>
 void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, const uint8_t* q, const S* scales,
               const S* mins, int64_t group, float zero, float* out, int64_t N, int64_t n0) {
   using FAcc = typename I::FAcc;
   const int64_t nb = K / QK, ng = K / group, row_bytes = K * BITS / 8;
-  FAcc acc[NR][MB];
+  FAcc acc[2][NR][MB];
   float extra[NR][MB];
+  for (int c = 0; c < 2; ++c)
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MB; ++i) acc[c][r][i] = I::facc_zero();
   for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MB; ++i) { acc[r][i] = I::facc_zero(); extra[r][i] = 0.f; }
-  FAcc odd = I::facc_zero();  // a second chain for odd blocks when there is one accumulator
+    for (int i = 0; i < MB; ++i) extra[r][i] = 0.f;
   const int16_t* xq = x.q.data() + m0 * K;
   const float* xd = x.d.data() + m0 * nb;
   const uint8_t* w = q + n0 * row_bytes;
@@ -79,7 +88,7 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
         auto wb = I::template load_block<BITS>(w + r * row_bytes, b);
         if (BITS == 6) I::to_signed6(wb);  // signed codes: with a scale per 16 values the zero has no block sums to go with
         const float s0 = I::scale_at(sc, r * ng + 2 * b), s1 = I::scale_at(sc, r * ng + 2 * b + 1);
-        for (int i = 0; i < MB; ++i) acc[r][i] = I::fma_dot_halves(acc[r][i], I::block_dot(wb, xs[i]), s0, s1, xd[i * nb + b]);
+        for (int i = 0; i < MB; ++i) acc[0][r][i] = I::fma_dot_halves(acc[0][r][i], I::block_dot(wb, xs[i]), s0, s1, xd[i * nb + b]);
       }
     }
   } else if (NR * MB == 1) {
@@ -98,47 +107,56 @@ void dot_tile(const QuantisedRows& x, const float* xg, int64_t m0, int64_t K, co
       for (; b + 8 <= nb; b += 8) {
         I::scale_products8(sc + b, xd + b, f);
         for (int j = 0; j < 8; j += 2) {
-          acc[0][0] = I::fma_dot_at(acc[0][0], dot(b + j), f + j);
-          odd = I::fma_dot_at(odd, dot(b + j + 1), f + j + 1);
+          acc[0][0][0] = I::fma_dot_at(acc[0][0][0], dot(b + j), f + j);
+          acc[1][0][0] = I::fma_dot_at(acc[1][0][0], dot(b + j + 1), f + j + 1);
         }
       }
       for (; b + 2 <= nb; b += 2) {
-        acc[0][0] = block(acc[0][0], b, I::scale_at(sc, b) * xd[b]);
-        odd = block(odd, b + 1, I::scale_at(sc, b + 1) * xd[b + 1]);
+        acc[0][0][0] = block(acc[0][0][0], b, I::scale_at(sc, b) * xd[b]);
+        acc[1][0][0] = block(acc[1][0][0], b + 1, I::scale_at(sc, b + 1) * xd[b + 1]);
       }
-      if (b < nb) acc[0][0] = block(acc[0][0], b, I::scale_at(sc, b) * xd[b]);
+      if (b < nb) acc[0][0][0] = block(acc[0][0][0], b, I::scale_at(sc, b) * xd[b]);
     } else {
       for (int64_t g = 0; g < ng; ++g) {
         const float scale = I::scale_at(sc, g);
         const int64_t end = b + per;
         for (; b + 2 <= end; b += 2) {
-          acc[0][0] = block(acc[0][0], b, scale * xd[b]);
-          odd = block(odd, b + 1, scale * xd[b + 1]);
+          acc[0][0][0] = block(acc[0][0][0], b, scale * xd[b]);
+          acc[1][0][0] = block(acc[1][0][0], b + 1, scale * xd[b + 1]);
         }
-        if (b < end) acc[0][0] = block(acc[0][0], b, scale * xd[b]), ++b;
+        if (b < end) acc[0][0][0] = block(acc[0][0][0], b, scale * xd[b]), ++b;
       }
     }
   } else {
     const int64_t per = group / QK;
-    for (int64_t g = 0, b = 0; g < ng; ++g) {
-      float ws[NR];
-      for (int r = 0; r < NR; ++r) ws[r] = I::scale_at(sc, r * ng + g);
-      for (int64_t end = b + per; b < end; ++b) {
-        typename I::XBlock xs[MB];
-        for (int i = 0; i < MB; ++i) xs[i] = I::load_x(xq + i * K + b * QK);
-        for (int r = 0; r < NR; ++r) {
-          const auto wb = I::template load_block<BITS>(w + r * row_bytes, b);
-          for (int i = 0; i < MB; ++i) acc[r][i] = I::fma_dot(acc[r][i], I::block_dot(wb, xs[i]), ws[r] * xd[i * nb + b]);
-        }
+    // Block b into chain C: one weight load per row r, shared by the MB activation rows, each of
+    // which adds it with its scale product (weight scale x activation scale, as the one-row path).
+    auto block = [&](auto chain, int64_t b) __attribute__((always_inline)) {
+      constexpr int C = decltype(chain)::value;
+      for (int r = 0; r < NR; ++r) {
+        const auto wb = I::template load_block<BITS>(w + r * row_bytes, b);
+        const float ws = I::scale_at(sc, r * ng + b / per);
+        for (int i = 0; i < MB; ++i)
+          acc[C][r][i] = I::fma_dot(acc[C][r][i], I::block_dot(wb, I::load_x(xq + i * K + b * QK)), ws * xd[i * nb + b]);
       }
+    };
+    const std::integral_constant<int, 0> first;
+    const std::integral_constant<int, 1> second;
+    const int64_t span = per == 1 ? nb : per;  // pairs are counted from the start of each span
+    for (int64_t s0 = 0; s0 < nb; s0 += span) {
+      int64_t b = s0;
+      for (; b + 2 <= s0 + span; b += 2) {
+        block(first, b);
+        block(second, b + 1);
+      }
+      if (b < s0 + span) block(first, b);
     }
   }
-  if (NR * MB == 1) acc[0][0] = I::facc_add(acc[0][0], odd);
   if (EXTRA)  // sum over groups of (min - scale * zero) * (sum of the group's activations)
     for (int r = 0; r < NR; ++r)
       for (int i = 0; i < MB; ++i) extra[r][i] = I::offset_dot(sc + r * ng, mins ? mins + (n0 + r) * ng : nullptr, zero, xg + (m0 + i) * ng, ng);
   for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MB; ++i) out[(m0 + i) * N + n0 + r] = I::facc_sum(acc[r][i]) + extra[r][i];
+    for (int i = 0; i < MB; ++i) out[(m0 + i) * N + n0 + r] = I::facc_sum(I::facc_add(acc[0][r][i], acc[1][r][i])) + extra[r][i];
 }
 
 // All weight rows [t0, t1) against activation rows [m0, m0 + MB): NR rows at a time, then singly.
