@@ -20,6 +20,11 @@ from torch import nn
 
 from ..quant import QuantLinear, linears, on_kernel
 
+# Positions per row the attention kernel and the decode stack take: a verify forward has at most 33
+# (32 drafts + 1); longer chunks are prefill, which keeps the batched matmuls quant/prefill.py
+# calibrates (bmm, dense tiles) instead of one kernel dot per (query, key).
+FUSED_MAX_POSITIONS = 64
+
 
 def _eager() -> bool:
     return not torch.compiler.is_compiling()
@@ -62,16 +67,19 @@ class Backend:
         return linears(x, layers)
 
     def decode_attention(self, q, k, v, cache, layer: int, plan, cos, sin, scale: float, softcap: float | None):
-        """One decoding step's attention with rope and the cache write in one call, (B, 1, H * D);
-        None when this step is not one the kernel takes (the caller runs the PyTorch formula).
-        q (B, 1, H, D), k and v (B, 1, Hkv, D) before rope."""
+        """Attention with rope and the cache write in one call for a decoding step or any forward
+        that writes before it reads (plan not concat), (B, T, H * D); None when the kernel does not
+        take the call (the caller runs the PyTorch formula). q (B, T, H, D), k and v (B, T, Hkv, D)
+        before rope."""
         b, t, h, d = q.shape
-        if self.attention_kernel is None or not _eager() or t != 1 or cache is None or q.dtype != torch.float32 or plan.concat:
+        if (self.attention_kernel is None or not _eager() or cache is None or q.dtype != torch.float32 or plan.concat
+                or t > FUSED_MAX_POSITIONS):  # fmt: skip
             return None
-        out = self.attention_kernel(q.view(b, h, d).contiguous(), k.view(b, -1, d).contiguous(), v.view(b, -1, d).contiguous(),
-                                    cache.k[layer], cache.v[layer], plan.slots.view(b), plan.mask.view(b, -1),
-                                    cos.view(b, -1), sin.view(b, -1), scale, softcap or 0.0)  # fmt: skip
-        return out.view(b, 1, h * d)
+        out = self.attention_kernel(q.reshape(b * t, h, d).contiguous(), k.reshape(b * t, -1, d).contiguous(),
+                                    v.reshape(b * t, -1, d).contiguous(), cache.k[layer], cache.v[layer], plan.slots.contiguous(),
+                                    plan.mask.view(b, t, -1), cos.reshape(b * t, -1).contiguous(),
+                                    sin.reshape(b * t, -1).contiguous(), scale, softcap or 0.0)  # fmt: skip
+        return out.view(b, t, h * d)
 
     def decode_stack(self, model: nn.Module):
         """The C++ loop over every decoder layer of a one-token step, when all matrices are packed for

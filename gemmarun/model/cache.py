@@ -26,7 +26,7 @@ class AttnPlan:
 
     slots: torch.Tensor  # (B, T) slot each new token is written to; the trash slot for padding
     mask: torch.Tensor  # (B, 1, T, S) True where a query may see a key
-    concat: bool  # keys are [cache before this call] + [this call's keys] (sliding prefill)
+    concat: bool  # keys are [cache before this call] + [this call's keys] (sliding prefill; see writes_first)
     end: int  # attend over buffer slots [:end] (global layers only need the filled prefix); with
     # concat, the slots of the cache as it was that come before this call's keys
 
@@ -112,6 +112,15 @@ class KVCache:
         view.filled = int(view.pos["global"].max()) + 1  # global slots are positions; -1 (empty) gives 0
         return view
 
+    def writes_first(self, positions: int) -> bool:
+        """Whether a forward of `positions` per row can write every key before any query reads (as a
+        decoding step does) instead of concatenating on the sliding layers: the ring's oldest slots
+        that the later positions overwrite must lie outside every earlier position's window. True
+        when positions - 1 <= ring size - sliding_window (the ring's extra slots), or when the ring
+        is the whole context and never wraps."""
+        ring = self.size["sliding"]
+        return positions - 1 <= ring - self.config.sliding_window or ring == self.context
+
     def plan(self, positions: torch.Tensor) -> dict[str, AttnPlan]:
         """Build both kinds' write slots and masks for `positions` (B, T; -1 = padding), then record them."""
         if self.static and positions.shape[1] == 1:
@@ -135,7 +144,7 @@ class KVCache:
                 if last >= size:
                     raise IndexError(f"position {last} is past the cache's context {size}")
                 slots = torch.where(valid, positions, size)
-            concat = sliding and positions.shape[1] > 1
+            concat = sliding and not self.writes_first(positions.shape[1])
             if concat:
                 # Attend to the cache as it was plus this chunk, since the chunk overwrites ring slots
                 # that its own earlier queries still need. A ring that has not wrapped holds keys in

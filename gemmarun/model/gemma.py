@@ -15,7 +15,7 @@ from torch import nn
 from ..kernels import attention_kernel, decode_stack_module, geglu_kernel, rms_norm_kernel
 from ..quant.gemm import run_dense
 from ..quant.prefill import path as prefill_path
-from .backend import TORCH_OPS, Backend
+from .backend import FUSED_MAX_POSITIONS, TORCH_OPS, Backend
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
 
@@ -199,6 +199,19 @@ class Gemma(nn.Module):
             self._ops = Backend(rms_norm_kernel(), geglu_kernel(), attention_kernel(), decode_stack_module()) if cpu else TORCH_OPS
         return self._ops
 
+    def fuses(self, positions: int, cache: KVCache | None) -> bool:
+        """Whether a forward of `positions` per row with `cache` runs the fused C++ decode stack. It
+        computes every position as a decoding step of one position would (each query's attention
+        is independent of the others', and the row-wise kernels of the row count), so speculation
+        can take such a verify forward's logits for single steps'."""
+        return (
+            cache is not None
+            and not torch.compiler.is_compiling()
+            and positions <= FUSED_MAX_POSITIONS
+            and cache.writes_first(positions)
+            and bool(self.decode_stack())
+        )
+
     def decode_stack(self):
         """Every layer of a one-token step in one C++ call, when all matrices are quantised for the
         kernel and activations are float32 on CPU; False otherwise (the layers run as modules)."""
@@ -244,23 +257,22 @@ class Gemma(nn.Module):
         cos_g, sin_g = self.rope_global.cos_sin(positions, dtype)
         cos_l, sin_l = self.rope_local.cos_sin(positions, dtype)
         b, t = tokens.shape
-        stack = not torch.compiler.is_compiling() and t == 1 and cache is not None and not plans["sliding"].concat
-        if stack and self.decode_stack():
+        if self.fuses(t, cache):
             g, s = plans["global"], plans["sliding"]
             x = self._stack.forward(
-                x.view(b, -1),
+                x.view(b * t, -1),
                 cache.k,
                 cache.v,
-                cos_g.view(b, -1),
-                sin_g.view(b, -1),
-                g.slots.view(b),
-                g.mask.view(b, -1),
-                cos_l.view(b, -1),
-                sin_l.view(b, -1),
-                s.slots.view(b),
-                s.mask.view(b, -1),
+                cos_g.view(b * t, -1),
+                sin_g.view(b * t, -1),
+                g.slots,
+                g.mask.view(b, t, -1),
+                cos_l.view(b * t, -1),
+                sin_l.view(b * t, -1),
+                s.slots,
+                s.mask.view(b, t, -1),
             )
-            x = x.view(b, 1, -1)
+            x = x.view(b, t, -1)
         else:
             ops = self.ops
             for layer in self.model.layers:
@@ -275,5 +287,11 @@ class Gemma(nn.Module):
         if cfg.final_logit_softcapping is not None:
             # Final soft-cap: greedy decoding hides its absence, log-probabilities do not.
             cap = cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+            logits = logits / cap
+            # tanh one (V,) row at a time: PyTorch's vectorised tanh takes a chunk's tail through a
+            # scalar formula of other rounding, so over (B, T, V) a row's bits would depend on where
+            # it lies; alone, a row is computed the same in a verify forward as in a single step.
+            for row in logits.view(-1, logits.shape[-1]):
+                row.tanh_()
+            logits = logits * cap
         return logits[:, 0] if select is not None else logits

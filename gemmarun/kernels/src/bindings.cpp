@@ -28,7 +28,7 @@ QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("variant", &variant, "the ISA layer this build was compiled for");
   m.def("qlinear", &qlinear, "quantised linears sharing one input, int16 activations");
-  m.def("decode_attention", &decode_attention, "one decoding step of attention with rope and cache write (float32, float16 or bfloat16 cache)");
+  m.def("decode_attention", &decode_attention, "attention for T positions per cache row with rope and cache write (float32, float16 or bfloat16 cache)");
   m.def("rms_norm", &rms_norm, "Gemma RMSNorm with the (1 + w) scale, plus an optional residual, float32",
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("residual") = py::none());
   m.def("geglu", &geglu, "gelu_tanh(gate) * up, float32");
@@ -61,5 +61,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("head_dim", &DecodeLayer::head_dim);
   py::class_<DecodeStack>(m, "DecodeStack", py::module_local())
       .def(py::init<std::vector<DecodeLayer>, double>(), py::arg("layers"), py::arg("eps"), "every decoder layer, in order")
-      .def("forward", &DecodeStack::forward, "every layer for one token per row");
+      .def("forward", &DecodeStack::forward, "every layer for T tokens per row");
 }

@@ -21,7 +21,7 @@ const char* variant();
 std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::vector<at::Tensor> scales,
                                 std::vector<c10::optional<at::Tensor>> mins, std::vector<int64_t> groups,
                                 std::vector<double> zeros, std::vector<int64_t> bits);
-// attention.cpp: one decoding step of attention, with rope and the cache write.
+// attention.cpp: attention for T positions per cache row (a decoding step: T = 1), with rope and the cache write.
 at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kc, at::Tensor vc, at::Tensor slots,
                             at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap);
 // elementwise.cpp
@@ -30,7 +30,7 @@ at::Tensor geglu(at::Tensor gate, at::Tensor up);
 // quantize.cpp: int4 scales and mins (N, K / group) by a weighted error search.
 std::tuple<at::Tensor, at::Tensor> int4_search(at::Tensor w, c10::optional<at::Tensor> importance, int64_t group);
 
-// decode.cpp: a stack of decoder layers run for one token per row, with no Python between layers.
+// decode.cpp: a stack of decoder layers run for T tokens per row, with no Python between layers.
 struct QuantMatrices {  // the kernel arguments of matrices that share an input
   std::vector<at::Tensor> q, scales;
   std::vector<c10::optional<at::Tensor>> mins;
@@ -51,8 +51,10 @@ struct DecodeLayer {
 class DecodeStack {
  public:
   DecodeStack(std::vector<DecodeLayer> layers, double eps) : layers_(std::move(layers)), eps_(eps) {}
-  // x (B, C) after the embedding; per layer kind ("g" global, "l" sliding) the rope tables (B, D),
-  // the write slots (B,) and the visible keys (B, E). Returns x (B, C) after the last layer.
+  // x (B * T, C) after the embedding, row b's T positions consecutive; per layer kind ("g" global,
+  // "l" sliding) the rope tables (B * T, D), the write slots (B, T) and the visible keys (B, T, E)
+  // (or (B,) and (B, E) for T = 1), as decode_attention takes them. Returns x (B * T, C) after the
+  // last layer.
   at::Tensor forward(at::Tensor x, std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache, at::Tensor cos_g,
                      at::Tensor sin_g, at::Tensor slots_g, at::Tensor mask_g, at::Tensor cos_l, at::Tensor sin_l,
                      at::Tensor slots_l, at::Tensor mask_l) const;
