@@ -56,7 +56,7 @@ class LanguageModel:
     def new_speculator(self, speculate: str | SpeculativeConfig | None = None) -> Speculator | None:
         """A Speculator of its own (the engine's thread keeps one), or None when speculation is off."""
         config = self._speculation(speculate)
-        return Speculator(config, self.draft.model if self.draft is not None else None, self.model) if config.on else None
+        return Speculator(config, self.draft.model if self.draft is not None else None) if config.on else None
 
     def _speculation(self, speculate: str | SpeculativeConfig | None) -> SpeculativeConfig:
         if speculate is None:

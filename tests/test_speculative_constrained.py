@@ -15,6 +15,7 @@ import gemmarun
 from gemmarun import Constraint, SamplingParams
 from gemmarun.chat import ChatSession
 from gemmarun.generation.engine import Engine, Request
+from gemmarun.generation.speculative import SpeculativeConfig
 
 WAIT = 120  # seconds: every wait on the engine's thread is bounded
 
@@ -50,7 +51,7 @@ def test_engine_constrained_rows_beside_speculating_rows(lm):
     free = SamplingParams(max_new_tokens=40, ignore_eos=True)
     cases = [(_grounded(10), free), (_grounded(11), CASES[0]), (_grounded(12), free), (_grounded(13), CASES[1])]
     plain = [lm.generate(ids, params, speculate="off") for ids, params in cases]
-    with Engine(lm, max_batch=4, max_waiting=8, speculate="ngram") as engine:
+    with Engine(lm, max_batch=4, max_waiting=8, speculate=SpeculativeConfig("ngram", 4, adaptive=False)) as engine:
         handles = [engine.submit(Request(ids, params)) for ids, params in cases]
         results = [h.result(WAIT) for h in handles]
         assert engine.speculator.totals["accepted"] > 0  # the free rows did speculate

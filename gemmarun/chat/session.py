@@ -98,7 +98,7 @@ class ChatSession:
         def take(r: SpecRow, token: int, _logits) -> None:
             pieces.append(seq.add(token))
 
-        r = SpecRow(0, seq, torch.tensor(seq.prompt), -1, len(seq.prompt), self.speculator.new_row(self.lm.context, seq.params))
+        r = SpecRow(0, seq, torch.tensor(seq.prompt), -1, len(seq.prompt), self.speculator.new_row(self.lm.context))
         take(r, sample_one(logits, seq.params, r.prompt_t, seq.ids, seq.generator, seq.grammar), logits)
         r.pending = seq.ids[-1]
         try:

@@ -1,9 +1,9 @@
 """Draft sources for speculative decoding: prompt lookup (n-grams) and a small draft model.
 
 Both propose up to k tokens that continue a row's history (prompt + output); speculative.py checks
-them against the target in one forward. A source also says how it drew each token (`q`, the draft
-distribution per position, None for a deterministic proposal), which the sampled acceptance rule
-needs.
+them against the target in one forward. Proposals are point masses (a continuation, a draft
+model's argmax), greedy and sampled rows alike: the acceptance rule then keeps a draft exactly when
+the target's own pick equals it, so a seeded row's output never depends on what was drafted.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ import torch
 from ..errors import InvalidParameterError
 from ..model.cache import KVCache
 from . import core
-from .sampling import SamplingParams, probabilities
 
 
 @dataclass
 class Draft:
     tokens: list[int]
-    q: list[torch.Tensor] | None = None  # the draft distribution (V,) each token was drawn from; None: chosen outright
 
 
 class NgramIndex:
@@ -65,7 +63,7 @@ class NgramDrafter:
     def new_row(self, context: int) -> NgramIndex:
         return NgramIndex(self.longest)
 
-    def propose(self, row: NgramIndex, ids: list[int], k: int, params: SamplingParams, gen) -> Draft:
+    def propose(self, row: NgramIndex, ids: list[int], k: int) -> Draft:
         return Draft(row.propose(ids, k))
 
 
@@ -94,7 +92,7 @@ class ModelDrafter:
         # re-fed token after an undecided greedy choice): the ring keeps that many spare slots.
         return DraftRow(KVCache.for_model(self.model, 1, min(context, limit), ring_extra=self.max_tokens + 2))
 
-    def propose(self, row: DraftRow, ids: list[int], k: int, params: SamplingParams, gen) -> Draft:
+    def propose(self, row: DraftRow, ids: list[int], k: int) -> Draft:
         if len(ids) + k > row.cache.context:
             k = row.cache.context - len(ids)
         if k <= 0:
@@ -106,21 +104,16 @@ class ModelDrafter:
         c = min(c, len(ids) - 1)  # the last token is fed again when the cache holds it: its logits are needed
         row.cache.truncate(c)
         logits = core.prefill(self.model, row.cache, [ids[c:]], [c])[0]
-        tokens, qs = [], []
-        # Penalties are left to the target: any draft distribution keeps the output exact, this one
-        # only accepts less often when penalties move the target's choices.
+        tokens = []
+        # The draft's argmax, for sampled rows too: a point mass the target keeps with probability
+        # p(x), as the standard rule would (speculative.py). Penalties are left to the target.
         for j in range(k):
-            if params.greedy:
-                tok = int(torch.argmax(logits))
-            else:
-                q = probabilities(logits, params)
-                tok = int(torch.multinomial(q, 1, generator=gen))
-                qs.append(q)
+            tok = int(torch.argmax(logits))
             tokens.append(tok)
             if j + 1 < k:
                 logits = core.decode(self.model, row.cache, [tok], [len(ids) + j])[0]
         row.fed = list(ids) + tokens[:-1]
-        return Draft(tokens, None if params.greedy else qs)
+        return Draft(tokens)
 
 
 def check_draft_vocabulary(target_tokenizer, draft_tokenizer, draft_source: str) -> None:

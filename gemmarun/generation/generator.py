@@ -118,7 +118,7 @@ class Generator:
 
         rows = []
         for i, s in enumerate(seqs):
-            r = SpecRow(i, s, torch.tensor(s.prompt), -1, len(s.prompt), spec.new_row(size, s.params))
+            r = SpecRow(i, s, torch.tensor(s.prompt), -1, len(s.prompt), spec.new_row(size))
             take(r, sample_one(logits[i], s.params, r.prompt_t, s.ids, s.generator, s.grammar), logits[i])
             r.pending = s.ids[-1]
             rows.append(r)

@@ -168,7 +168,7 @@ class ModelRunner:
         rows = []
         for s in slots:
             if s.row not in self._spec_rows:
-                self._spec_rows[s.row] = self.speculator.new_row(self.cache.context, s.handle.seq.params)
+                self._spec_rows[s.row] = self.speculator.new_row(self.cache.context)
             rows.append(SpecRow(s.row, s.handle.seq, s.prompt_t, s.pending, s.pos, self._spec_rows[s.row]))
 
         def take(r: SpecRow, token: int, logits: torch.Tensor) -> None:

@@ -6,25 +6,32 @@ One decoding round (`decode_round`), shared by the Generator and the engine's ru
 2. one forward through the generation core over every row's [pending token] + drafts, each from
    its own position (rows without drafts ride along with one token; a round where no row drafted is
    exactly a plain decoding step, the C++ decode stack included);
-3. per row, the acceptance rule walks the drafts: greedy keeps a draft while it is the target's
-   argmax; sampling keeps draft x with probability min(1, p(x) / q(x)) and on rejection draws from
-   the residual max(p - q, 0) normalised (the standard rule, so the output follows the target's
-   distribution); after the last draft the target's own next token comes free;
+3. per row, the acceptance rule walks the drafts: at each position the target picks its token exactly
+   as a plain decoding step would (sample_one on the same logits, with the row's penalties, mask and
+   generator, one draw a token), and a draft is kept while it equals that pick; the pick at the
+   first mismatch, or after the last draft, is emitted too. Drafts are point masses (n-gram
+   continuations, a draft model's argmax), and for a point mass q = [x] this is the standard
+   speculative-sampling rule: x is kept with probability min(1, p(x) / q(x)) = p(x), and a rejection
+   emits a draw from the residual max(p - q, 0), normalised, which is p without x. Drawing the pick
+   first couples the rule to plain sampling, so a seeded row emits the tokens it emits without
+   speculation, whatever k the controller chose;
 4. the cache is truncated to the accepted positions (KVCache.truncate; sliding rings are kept
    DRAFT_RING_EXTRA slots longer, so a rejected write never overwrote a key still in the window).
 
-Numerics: the verify forward runs several positions per row, and the kernels' multi-row tiles and
-the PyTorch attention add in another order than a single step's decode stack, so its logits differ
-from a single step's in the last bits (measured: 1e-5 on dense float32, 1e-3 on packed int8/int4
-tiny models, tests/test_speculative.py bounds them). So that no greedy choice can flip on that
-difference, a greedy position whose top two logits are closer than TIE_MARGIN is left undecided:
-the round stops there and the next round is a plain step for every row, whose choice is the
-decoding path's own.
+Numerics: on the C++ decode stack (packed weights, float32 activations on the CPU) a forward of
+several positions per row gives each position the bits of a single step (kernels/src/qdot.h,
+attention.cpp: a row's sums never depend on the batch), so verification is exact by construction
+(`Gemma.fuses`). Elsewhere (dense weights, PyTorch's ops, another device) the verify logits differ
+from a single step's in the last bits (measured: 1e-5 on dense float32, tests/test_speculative.py
+bounds them), so that no greedy choice can flip on that difference, a greedy position whose top two
+logits are closer than TIE_MARGIN is left undecided there: the round stops and the next round is a
+plain step for every row, whose choice is the decoding path's own.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,29 +40,23 @@ import torch
 from ..errors import InvalidParameterError
 from . import core
 from .drafts import Draft, ModelDrafter, NgramDrafter
-from .sampling import SamplingParams, apply_penalties, probabilities, sample_one
+from .sampling import apply_penalties, sample_one
 from .sequence import SequenceState
 
 METHODS = ("ngram", "model", "off")
-# Drafts per round at most. The 270M's packed verify forward of 9 positions costs about 1.6 single
-# steps on the EPYC, and n-gram copies of a given text run long (README, speculative decoding).
+# Drafts per round at most: n-gram copies of a given text run long (README, speculative decoding).
 DEFAULT_DRAFT_TOKENS = 8
-# Verify logits are within 1e-3 of a single step's on packed weights (the largest gap measured);
-# a greedy choice closer than ten times that goes to a single decoding step instead.
+# Verify logits off the fused stack are within 1e-5 of a single step's (dense float32, the largest gap
+# measured); a greedy choice closer than that margin goes to a single decoding step instead.
 TIE_MARGIN = 1e-2
-WARMUP = 4  # speculative rounds before the controller judges whether speculation pays
-# Speculation is switched off when its time per token exceeds plain steps' by this factor: a shared
-# machine's timings move by 20-30% from minute to minute, and one slow round must not switch off a
-# row whose drafts are being kept.
-OFF_MARGIN = 1.15
-DECAY = 0.8  # weight of the past in the controller's time and acceptance averages (recent rounds count most)
-REVIVE = 2  # consecutive n-gram proposals that would have hit, while off, to switch back on
-RETRY = 64  # plain tokens before a draft model that did not pay is tried again
-# A seeded sampled row must not depend on timing (its draws follow the rounds' k), so its controller
-# judges rounds by a cost model instead of a clock: a plain step costs 1, a verify forward 1 plus
-# this much a draft (the 270M's packed forward of 9 positions is about 1.6 steps on the EPYC),
-# plus the draft model's own steps at its share of the target's parameters.
-VERIFY_COST = 0.08
+DECAY = 0.8  # weight of the past in the timing and acceptance averages (recent rounds count most)
+# Before any round of several positions was timed, a further position is assumed to cost this share
+# of a one-position step, so that speculation gets tried; the measured figure replaces it.
+EXTRA_PRIOR = 0.25
+SAMPLES = 8  # rounds of each kind the costs are the least of
+PROBE = 32  # speculative rounds between plain ones that time a step again (a 32nd of rounds at plain speed)
+GAIN_MARGIN = 1.05  # speculation must beat plain steps by this factor, so timing noise does not flip it
+RETRY = 64  # plain tokens before a draft model that did not pay is tried again (it has no free shadow proposal)
 
 
 def ring_extra(config: SpeculativeConfig) -> int:
@@ -85,63 +86,109 @@ class SpeculativeConfig:
 
 
 @dataclass
+class Costs:
+    """What a round costs on this machine, measured: the seconds of a forward of one position per
+    row (`step`), and what each further position adds (`extra`, drafting included), each the least
+    of the last SAMPLES rounds timed. The least, because other work on the machine only ever slows a
+    round down, and one slow round must not switch speculation off for good (a row that does not
+    speculate times no more verify rounds); the first round of each kind is not counted (it builds
+    kernels and buffers). Every PROBE rounds of several positions, one plain round refreshes `step`
+    (a row that keeps speculating would time no plain round again). Shared by the rows of a
+    Speculator."""
+
+    steps: deque = field(default_factory=lambda: deque(maxlen=SAMPLES))
+    extras: deque = field(default_factory=lambda: deque(maxlen=SAMPLES))
+    seen: set = field(default_factory=set)  # the kinds whose first round was left out
+    since_step: int = 0  # rounds of several positions since the last plain one
+
+    @property
+    def step(self) -> float:
+        return min(self.steps, default=0.0)
+
+    @property
+    def extra(self) -> float | None:
+        return min(self.extras, default=None)
+
+    def due(self) -> bool:
+        """Whether the next round should be a plain one, to time a step again."""
+        return self.since_step >= PROBE
+
+    def record(self, positions: int, seconds: float) -> None:
+        self.since_step = 0 if positions == 1 else self.since_step + 1
+        kind = "step" if positions == 1 else "extra"
+        if kind not in self.seen:
+            self.seen.add(kind)
+        elif positions == 1:
+            self.steps.append(seconds)
+        elif self.steps:
+            self.extras.append(max(0.0, seconds - self.step) / (positions - 1))
+
+
+@dataclass
 class Controller:
-    """One row's k and on/off switch, from what its rounds measured: acceptance sets k (a round
-    that kept every draft doubles it, one that rejected sets it to the drafts kept + 1), and the
-    time per token of speculative rounds against plain ones switches speculation off. Times are
-    of whole rounds (a batch's rows share them), averaged with DECAY."""
+    """One row's k: the one that maximises the expected tokens per second, from the row's measured
+    acceptance and the machine's measured costs; 0 (a plain step) when no k beats plain steps.
+
+    Drafts are kept one after another while each matches, each with probability a (the row's
+    acceptance: drafts kept against rounds that rejected one, decayed), so k drafts give
+    1 + a + ... + a^k tokens for step + k * extra seconds. An n-gram row that does not draft still
+    checks its one-token proposal against what it emitted, so its acceptance follows the text and
+    speculation comes back when the output starts copying; a draft model is retried after RETRY
+    plain tokens. The clock never changes what a row emits (the acceptance rule picks each token as a
+    plain step would), only how fast."""
 
     k_max: int
     adaptive: bool = True
-    timed: bool = True  # False: the cost model (seeded sampling), so the same seed gives the same text
-    draft_cost: float = 0.0  # a draft token's cost in plain steps, for the cost model
-    k: int = 2
-    on: bool = True
-    spec: list[float] = field(default_factory=lambda: [0.0, 0.0])  # decayed seconds, tokens of speculative rounds
-    plain: list[float] = field(default_factory=lambda: [0.0, 0.0])  # the same for plain rounds (a forward of one position)
-    rounds: int = 0  # speculative rounds since switched on
-    idle: int = 0  # while off: n-gram hits in a row, or plain tokens (draft model)
+    kept: float = 1.0  # decayed drafts kept (a prior of one kept and one rejected: a = 1/2)
+    rejected: float = 1.0  # decayed rounds that rejected a draft
+    idle: int = 0  # plain tokens since a draft model last drafted
+    drafting: bool = True  # the last want() was > 0
     drafted: int = 0
     accepted: int = 0
-    switched_off: int = 0
+    switched_off: int = 0  # times want() went from drafting to plain
 
-    def want(self) -> int:
+    @property
+    def acceptance(self) -> float:
+        return self.kept / (self.kept + self.rejected)
+
+    def want(self, costs: Costs) -> int:
         if not self.adaptive:
             return self.k_max
-        if not self.on:
-            return 0
-        if self.timed and self.plain[1] == 0:
-            return 0  # one plain round first: the baseline the speculative rounds are judged against
-        return min(self.k, self.k_max)
+        if not costs.step:
+            return 0  # one plain round first: the baseline every k is judged against
+        extra = costs.extra if costs.extra is not None else EXTRA_PRIOR * costs.step
+        a, best, best_rate = self.acceptance, 0, GAIN_MARGIN / costs.step
+        tokens = 1.0
+        for k in range(1, self.k_max + 1):
+            tokens += a**k
+            rate = tokens / (costs.step + k * extra)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        self.switched_off += self.drafting and best == 0
+        self.drafting = best > 0
+        return best
 
-    def record(self, drafted: int, accepted: int, emitted: int, seconds: float, plain_forward: bool) -> None:
+    def record(self, drafted: int, accepted: int) -> None:
+        """A round's outcome for this row (drafted 0: a plain round)."""
         self.drafted += drafted
         self.accepted += accepted
-        if not self.timed:
-            seconds, plain_forward = 1 + (VERIFY_COST + self.draft_cost) * drafted, True
-            self.plain = [1.0, 1.0]
-        if drafted == 0:
-            if plain_forward and emitted:
-                self.plain = [self.plain[0] * DECAY + seconds, self.plain[1] * DECAY + emitted]
+        if drafted:
+            self.idle = 0
+            self._observe(accepted, accepted < drafted)
+
+    def shadow(self, hit: bool | None) -> None:
+        """A plain round: hit is whether the n-gram source's one-token proposal was what the row
+        emitted (None: no proposal, or a draft model, which is retried after RETRY tokens)."""
+        if hit is not None:
+            self._observe(int(hit), not hit)
             return
-        self.spec = [self.spec[0] * DECAY + seconds, self.spec[1] * DECAY + emitted]
-        self.rounds += 1
-        self.k = min(self.k_max, 2 * self.k) if accepted == drafted else max(1, accepted + 1)
-        if self.adaptive and self.rounds >= WARMUP and self.plain[1] and self.spec[1]:
-            if self.spec[0] / self.spec[1] > OFF_MARGIN * self.plain[0] / self.plain[1]:
-                self.on, self.idle, self.switched_off = False, 0, self.switched_off + 1
+        self.idle += 1
+        if self.idle >= RETRY:
+            self.idle, self.kept, self.rejected = 0, 1.0, 1.0
 
-    def while_off(self, hit: bool | None) -> None:
-        """A plain round while off: hit is whether the n-gram proposal would have been right (None
-        for a draft model, which is retried after RETRY tokens)."""
-        self.idle = (self.idle + 1 if hit else 0) if hit is not None else self.idle + 1
-        if self.idle >= (REVIVE if hit is not None else RETRY):
-            self.on, self.k, self.rounds, self.spec = True, 1, 0, [0.0, 0.0]
-
-
-def _params(model) -> int:
-    """Elements of weights and buffers (packed codes included): what a step reads, roughly."""
-    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    def _observe(self, kept: int, rejected: bool) -> None:
+        self.kept = DECAY * self.kept + kept
+        self.rejected = DECAY * self.rejected + rejected
 
 
 @dataclass
@@ -153,22 +200,19 @@ class RowState:
 class Speculator:
     """A draft source with its settings; new_row() gives each decoding row its own state."""
 
-    def __init__(self, config: SpeculativeConfig, draft_model=None, target=None):
+    def __init__(self, config: SpeculativeConfig, draft_model=None):
         if config.method == "model" and draft_model is None:
             raise InvalidParameterError("speculate='model' needs a draft model: load(..., draft=PATH) or --draft-model PATH")
         self.config = config
         self.drafter = NgramDrafter(config.ngram) if config.method == "ngram" else ModelDrafter(draft_model, config.draft_tokens)
-        # a draft token costs about the draft model's share of the target's weights in plain steps
-        self.draft_cost = _params(draft_model) / _params(target) if draft_model is not None and target is not None else 0.0
         self.force_plain = False  # the next round is a plain step (a greedy choice was left undecided)
+        self.costs = Costs()
         self.totals = {"rounds": 0, "drafted": 0, "accepted": 0, "tokens": 0, "switched_off": 0}
         self.k_chosen: dict[int, int] = {}  # how often each k was drafted
 
-    def new_row(self, context: int, params: SamplingParams) -> RowState:
+    def new_row(self, context: int) -> RowState:
         c = self.config
-        timed = params.greedy or params.seed is None
-        ctl = Controller(c.draft_tokens, c.adaptive, timed, self.draft_cost, k=min(2, c.draft_tokens))
-        return RowState(self.drafter.new_row(context), ctl)
+        return RowState(self.drafter.new_row(context), Controller(c.draft_tokens, c.adaptive))
 
 
 @dataclass
@@ -188,48 +232,32 @@ class SpecRow:
 Take = Callable[[SpecRow, int, torch.Tensor], None]
 
 
-def _draw(probs: torch.Tensor, gen) -> int:
-    """One draw by inverse CDF over float64 sums, as sampling.sample_one does."""
-    cdf = probs.double().cumsum(-1)
-    i = int(torch.searchsorted(cdf, torch.rand((), dtype=torch.float64, generator=gen) * cdf[-1], right=True))
-    return i if i < cdf.shape[-1] else int(torch.nonzero(probs).max())
+def undecided(logits: torch.Tensor, r: SpecRow) -> bool:
+    """Whether a greedy row's choice at logits (V,) from a verify forward off the fused stack is too
+    close to call: its top two (masked, penalised) logits within TIE_MARGIN."""
+    seq, params = r.seq, r.seq.params
+    lg = logits if seq.grammar is None else seq.grammar.mask(logits)
+    if params.has_penalties:
+        lg = apply_penalties(lg, params, r.prompt_t, torch.tensor(seq.ids, dtype=torch.long))
+    top = torch.topk(lg, 2).values
+    return float(top[0] - top[1]) < TIE_MARGIN
 
 
 def accept(logits: torch.Tensor, draft: Draft, r: SpecRow, exact: bool, take: Take) -> tuple[int, bool]:
-    """Walk one row's drafts against the target's logits (n + 1, V) and hand every kept token to
+    """Walk one row's drafts against the target's logits (n + 1, V), handing every emitted token to
     take; (drafts accepted, whether the round stopped at an undecided greedy choice). exact: the
-    logits came from a plain step, so no choice is left undecided."""
-    seq, params, gen = r.seq, r.seq.params, r.seq.generator
+    logits have a single step's bits (a plain step, or the fused stack), so no choice is left
+    undecided."""
+    seq = r.seq
     accepted = 0
     for j in range(len(draft.tokens) + 1):
         raw = logits[j]  # the model's own logits: what take() reports logprobs from
-        # A constrained row drafts nothing (decode_round), so its one token is chosen here, under its mask.
-        allowed = raw if seq.grammar is None else seq.grammar.mask(raw)
-        has = j < len(draft.tokens)
-        if params.greedy:
-            lg = apply_penalties(allowed, params, r.prompt_t, torch.tensor(seq.ids, dtype=torch.long)) if params.has_penalties else allowed
-            if not exact:
-                top = torch.topk(lg, 2).values
-                if float(top[0] - top[1]) < TIE_MARGIN:
-                    return accepted, True
-            tok = int(torch.argmax(lg))
-            ok = has and tok == draft.tokens[j]
-        elif has:
-            lg = apply_penalties(raw, params, r.prompt_t, torch.tensor(seq.ids, dtype=torch.long)) if params.has_penalties else raw
-            p = probabilities(lg, params)
-            x = draft.tokens[j]
-            q = torch.zeros_like(p).index_fill_(0, torch.tensor([x]), 1.0) if draft.q is None else draft.q[j]
-            u = float(torch.rand((), dtype=torch.float64, generator=gen))
-            ok = u * float(q[x]) < float(p[x])  # u < p(x) / q(x)
-            if ok:
-                tok = x
-            else:
-                residual = (p - q).clamp_min(0)
-                tok = _draw(residual if float(residual.sum()) > 0 else p, gen)
-        else:  # after the last draft: the target's own next token
-            tok = sample_one(raw, params, r.prompt_t, seq.ids, gen, seq.grammar)
-            ok = False
+        if not exact and seq.params.greedy and undecided(raw, r):
+            return accepted, True
+        # the plain step's pick: penalties, the grammar's mask, the filters and one draw of the row's generator
+        tok = sample_one(raw, seq.params, r.prompt_t, seq.ids, seq.generator, seq.grammar)
         take(r, tok, raw)
+        ok = j < len(draft.tokens) and tok == draft.tokens[j]
         accepted += ok
         if not ok or seq.finish_reason is not None:
             break
@@ -240,26 +268,29 @@ def decode_round(model, cache, rows: list[SpecRow], spec: Speculator, take: Take
     """One round over the decoding rows (each at its own cache row and position): drafts, one
     verify forward, acceptance, rollback. Rows that finish are left as they are."""
     start = time.perf_counter()
-    plain = spec.force_plain
+    plain = spec.force_plain or spec.costs.due()
     spec.force_plain = False
     drafts, shadows = [], []
     for r in rows:
         ctl, seq = r.state.ctl, r.seq
         # the drafts and the free token after them stay within the length limit and the cache; a
         # structured-output row drafts nothing: its grammar's mask is known one token at a time
-        k = 0 if plain or seq.grammar is not None else min(ctl.want(), seq.max_new - len(seq.ids) - 1, cache.context - 1 - r.pos)
+        off = ctl.switched_off
+        k = 0 if plain or seq.grammar is not None else min(ctl.want(spec.costs), seq.max_new - len(seq.ids) - 1, cache.context - 1 - r.pos)
+        spec.totals["switched_off"] += ctl.switched_off - off
         history = seq.prompt + seq.ids
-        d = spec.drafter.propose(r.state.source, history, k, seq.params, seq.generator) if k > 0 else Draft([])
+        d = spec.drafter.propose(r.state.source, history, k) if k > 0 else Draft([])
         drafts.append(d)
-        off_ngram = not ctl.on and isinstance(spec.drafter, NgramDrafter)
-        shadows.append(spec.drafter.propose(r.state.source, history, 1, seq.params, None).tokens if off_ngram else None)
+        # a plain n-gram row still checks what it would have proposed, so its acceptance follows the text
+        shadow = not d.tokens and isinstance(spec.drafter, NgramDrafter) and seq.grammar is None
+        shadows.append(spec.drafter.propose(r.state.source, history, 1).tokens if shadow else None)
     hi = cache.batch_size  # rows not in the round idle as padding
     tokens: list[list[int]] = [[] for _ in range(hi)]
     starts = [0] * hi
     for r, d in zip(rows, drafts):
         tokens[r.row], starts[r.row] = [r.pending] + d.tokens, r.pos
     logits = core.forward(model, cache, tokens, starts, last=False).cpu()  # (hi, T, V)
-    exact = logits.shape[1] == 1
+    exact = logits.shape[1] == 1 or model.fuses(logits.shape[1], cache)
     outcome = []
     for r, d in zip(rows, drafts):
         before = len(r.seq.ids)
@@ -275,18 +306,20 @@ def decode_round(model, cache, rows: list[SpecRow], spec: Speculator, take: Take
         if keep < r.pos + 1 + len(d.tokens):
             cache.truncate(keep, torch.tensor([r.row]))
         r.pos, r.pending = keep, pending
-    seconds = time.perf_counter() - start
+    spec.costs.record(logits.shape[1], time.perf_counter() - start)
     for r, d, (accepted, emitted), shadow in zip(rows, drafts, outcome, shadows):
         ctl = r.state.ctl
-        was_on = ctl.on
-        ctl.record(len(d.tokens), accepted, emitted, seconds, exact)
-        if not was_on and not plain:
-            ctl.while_off(None if shadow is None else bool(shadow) and emitted > 0 and r.seq.ids[-emitted] == shadow[0])
+        if d.tokens:
+            ctl.record(len(d.tokens), accepted)
+        elif not plain and emitted and r.seq.grammar is None:
+            if shadow is None:  # a draft model's row: counts towards its retry
+                ctl.shadow(None)
+            elif shadow:
+                ctl.shadow(r.seq.ids[-emitted] == shadow[0])
         t = spec.totals
         t["drafted"] += len(d.tokens)
         t["accepted"] += accepted
         t["tokens"] += emitted
-        t["switched_off"] += was_on and not ctl.on
         if d.tokens:
             spec.k_chosen[len(d.tokens)] = spec.k_chosen.get(len(d.tokens), 0) + 1
     spec.totals["rounds"] += 1
