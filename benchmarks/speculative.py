@@ -6,7 +6,8 @@ forward of k + 1 positions costs against one position on the 2B shape.
 (a) Input-grounded prompts (rewrite, repeat or continue a given text or code: the n-gram source's
     case) and (b) free generation, greedy, on the default Gemma 3 270M: decode tokens/s (first token
     to last, prefill excluded) with speculate off and ngram, alternated within the run (the machine
-    is noisy), whether the tokens are identical, the acceptance rate and the k chosen.
+    is noisy), whether the tokens are identical (greedy and seeded sampling alike), the acceptance
+    rate and the k chosen.
 Every figure is the best of --reps alternated runs: the machine is shared, and a slow run is
 someone else's load, not the variant's.
 (c) The 2B shape with random weights (drafts would be chance there), int8 and int4: the time of one
@@ -141,7 +142,7 @@ def main() -> None:
     if "b" in args.parts:
         # Sampled: the default model is a base model, and its greedy continuations of these prompts
         # fall into loops that n-gram drafts copy; sampling is the free text that drafts rarely hit.
-        print("(b) free generation, sampled (temperature 1, top_p 0.95, seeded: tokens differ from the plain run's)")
+        print("(b) free generation, sampled (temperature 1, top_p 0.95, seeded)")
         free = gemmarun.SamplingParams(max_new_tokens=args.tokens, temperature=1.0, top_p=0.95, seed=0)
         run_prompts(lm, FREE, free, args.reps)
         print("(b') free generation, greedy (the base model's loops)")
