@@ -53,7 +53,9 @@ def test_a_longer_ring_does_not_change_logits(lm):
     with torch.inference_mode():
         plain = torch.cat([x for _, x in core.score(lm.model, KVCache.for_model(lm.model, 1, 64), ids, chunk=9)])
         longer = torch.cat([x for _, x in core.score(lm.model, KVCache.for_model(lm.model, 1, 64, ring_extra=8), ids, chunk=9)])
-    torch.testing.assert_close(plain, longer, rtol=0, atol=1e-5)
+    # The longer ring writes its chunks first and attends in the C++ kernel (KVCache.writes_first),
+    # the plain one concatenates in PyTorch's formula: float32 rounding apart, not a window apart.
+    torch.testing.assert_close(plain, longer, rtol=0, atol=1e-4)
 
 
 def test_truncating_one_row_leaves_the_others(lm):

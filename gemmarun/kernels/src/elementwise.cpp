@@ -49,22 +49,17 @@ at::Tensor geglu(at::Tensor gate, at::Tensor up) {
   auto out = at::empty_like(gate);
   const float *gp = gate.data_ptr<float>(), *up_ = up.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // Every element through the vector formula: the scalar tail's tanh rounds differently, and where a
-  // thread's chunk ends depends on the number of rows, so a row's bits would depend on the batch.
-  // Chunks are whole blocks of 16 floats (a multiple of every ISA's vector width), the last partial
-  // block is padded.
+  // Threads split at whole blocks of 16 floats (a multiple of every ISA's vector width): the scalar
+  // tail's tanh rounds differently, and a chunk ending mid-block would send some elements to it
+  // depending on the number of rows. Only the tensor's last n % 16 elements take it, none when the
+  // row length is a multiple of 16 (every Gemma's intermediate size), so a row's bits never depend
+  // on the batch.
   constexpr int64_t LANES = 16;
-  const int64_t n = gate.numel(), body = n - n % LANES;
-  at::parallel_for(0, body / LANES, 1024, [&](int64_t b0, int64_t b1) {
-    Isa::geglu_row(gp + b0 * LANES, up_ + b0 * LANES, op + b0 * LANES, (b1 - b0) * LANES);
+  const int64_t n = gate.numel(), blocks = (n + LANES - 1) / LANES;
+  at::parallel_for(0, blocks, 1024, [&](int64_t b0, int64_t b1) {
+    const int64_t i0 = b0 * LANES, i1 = std::min(n, b1 * LANES);
+    Isa::geglu_row(gp + i0, up_ + i0, op + i0, i1 - i0);
   });
-  if (body < n) {
-    float g[LANES] = {}, u[LANES] = {}, o[LANES];
-    std::copy(gp + body, gp + n, g);
-    std::copy(up_ + body, up_ + n, u);
-    Isa::geglu_row(g, u, o, LANES);
-    std::copy(o, o + n - body, op + body);
-  }
   return out;
 }
 
