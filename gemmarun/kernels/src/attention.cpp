@@ -132,7 +132,8 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
   auto result = at::empty({N, H * D}, q.options());
   float* rp = result.data_ptr<float>();
-  at::parallel_for(0, N * H, 16, [&](int64_t r0, int64_t r1) {
+  // a thread merges at least ~256 partials: a long cache's merge is split, a short one stays serial
+  at::parallel_for(0, N * H, std::max<int64_t>(1, 256 / spans), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {  // r = n * H + h
       const int64_t n = r / H, h = r % H, bj = (n / Tq) * Hkv + h / g, u = (n % Tq) * g + h % g;
       float top = -INFINITY;
