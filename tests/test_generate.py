@@ -60,10 +60,12 @@ def test_sampling_follows_the_distribution():
     assert ((freq - want.double()).abs() < 4 * (want.double() * (1 - want.double()) / 20000).sqrt() + 1e-9).all()
 
 
-def test_top_p_past_the_candidates_sorts_everything():
+def test_top_p_past_the_candidates_looks_further():
     logits = torch.zeros(5000)  # flat: 90% of the mass takes 4500 tokens, past the first 1024 looked at
     p = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.9))
     assert (p > 0).sum().item() == 4500
+    logits = torch.zeros(40000)  # past every candidate count: every token, sorted
+    assert (probabilities(logits, SamplingParams(temperature=1.0, top_p=0.9)) > 0).sum().item() == 36000
     peaked = torch.cat([torch.full((10,), 10.0), torch.zeros(4990)])  # the cut within the candidates
     assert (probabilities(peaked, SamplingParams(temperature=1.0, top_p=0.9)) > 0).sum().item() == 10
 
