@@ -10,9 +10,9 @@ forward of k + 1 positions costs against one position on the 2B shape.
     rate and the k chosen.
 Every figure is the best of --reps alternated runs: the machine is shared, and a slow run is
 someone else's load, not the variant's.
-(c) The 2B shape with random weights (drafts would be chance there), int8 and int4: the time of one
-    verify forward of T = 2..9 positions over a 256-token cache against T = 1, the bound on what
-    speculation can gain per format.
+(c) The default model, and the 2B shape with random weights (drafts would be chance there) in int8
+    and int4: the time of one verify forward of T = 2..9 positions over a 256-token cache against
+    T = 1, the bound on what speculation can gain per format.
 """
 
 from __future__ import annotations
@@ -107,8 +107,7 @@ def run_prompts(lm, prompts: dict[str, str], params, reps: int) -> list[dict]:
     return rows
 
 
-def verify_cost(path: Path, label: str, reps: int) -> None:
-    lm = gemmarun.load(path)
+def verify_cost(lm, label: str, reps: int) -> None:
     model = lm.model
     ids = torch.randint(3, lm.config.vocab_size, (256 + 16,), generator=torch.Generator().manual_seed(0)).tolist()
     cache = KVCache.for_model(model, 1, 512, ring_extra=10)
@@ -123,7 +122,7 @@ def verify_cost(path: Path, label: str, reps: int) -> None:
                 cache.truncate(256)
     one = min(times[1])
     cells = "  ".join(f"T={t} x{min(times[t]) / one:.2f}" for t in range(2, 10))
-    print(f"  2B {label}: one position {one * 1e3:.0f} ms;  {cells}", flush=True)
+    print(f"  {label}: one position {one * 1e3:.0f} ms;  {cells}", flush=True)
 
 
 def main() -> None:
@@ -150,10 +149,11 @@ def main() -> None:
     if "c" in args.parts:
         from gemmarun.tools.bench import gemma2_2b_files
 
-        print("(c) 2B shape (random weights): a verify forward of T positions against one, after 256 tokens")
+        print("(c) a verify forward of T positions against one, after 256 tokens: the default model, and the 2B shape (random weights)")
+        verify_cost(lm, "default model", max(5, args.reps * 2))
         files = gemma2_2b_files(Path.home() / ".cache/gemmarun/bench", (), schemes=("int8", "int4"))
         for label in ("int8", "int4"):
-            verify_cost(files[label], label, max(5, args.reps * 2))
+            verify_cost(gemmarun.load(files[label]), f"2B {label}", max(5, args.reps * 2))
 
 
 if __name__ == "__main__":
