@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import kernels
+from ..batch.store import NotFound
 from ..errors import ContextLengthError, InvalidParameterError
 from ..generation.engine import Engine, EngineBusyError, EngineClosedError, Event, Handle
 from .batch_routes import BatchService, batch_router
@@ -94,6 +95,10 @@ class Server:
         @app.exception_handler(APIError)
         async def api_error(request, exc: APIError):
             return exc.response()
+
+        @app.exception_handler(NotFound)
+        async def not_found(request, exc: NotFound):  # a File or Batch object the store does not hold
+            return APIError(404, str(exc), code="not_found").response()
 
         @app.exception_handler(Exception)
         async def internal_error(request, exc: Exception):  # a fault of ours: still OpenAI's shape (and logged by uvicorn)

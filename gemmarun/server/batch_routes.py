@@ -45,10 +45,6 @@ class BatchService:
             self.worker.close()
 
 
-def _not_found(e: NotFound) -> APIError:
-    return APIError(404, str(e), code="not_found")
-
-
 def _form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
     """multipart/form-data fields: name -> (filename, bytes)."""
     if not content_type.startswith("multipart/form-data"):
@@ -91,17 +87,11 @@ def batch_router(service: BatchService) -> APIRouter:
 
     @router.get("/files/{file_id}")
     async def get_file(file_id: str):
-        try:
-            return store.file(file_id)
-        except NotFound as e:
-            raise _not_found(e) from None
+        return store.file(file_id)  # NotFound: a 404 (the app's handler)
 
     @router.get("/files/{file_id}/content")
     async def file_content(file_id: str):
-        try:
-            return FileResponse(store.content_path(file_id), media_type="application/octet-stream")
-        except NotFound as e:
-            raise _not_found(e) from None
+        return FileResponse(store.content_path(file_id), media_type="application/octet-stream")
 
     @router.post("/batches")
     async def create_batch(request: HTTPRequest):
@@ -146,16 +136,10 @@ def batch_router(service: BatchService) -> APIRouter:
 
     @router.get("/batches/{batch_id}")
     async def get_batch(batch_id: str):
-        try:
-            return store.batch(batch_id)
-        except NotFound as e:
-            raise _not_found(e) from None
+        return store.batch(batch_id)
 
     @router.post("/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str):
-        try:
-            return worker.cancel(batch_id)
-        except NotFound as e:
-            raise _not_found(e) from None
+        return worker.cancel(batch_id)
 
     return router
