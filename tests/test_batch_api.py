@@ -99,6 +99,11 @@ def test_batch_api_errors_cancel_and_error_file(lm, engine, tmp_path):
             client = _client(s)
             with pytest.raises(openai.NotFoundError):
                 client.batches.retrieve("batch_nope")
+            for path in ("/v1/batches/batch_nope", "/v1/files/file-nope", "/v1/files/file-nope/content"):
+                r = httpx.get(s.url + path)
+                assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+            with pytest.raises(openai.NotFoundError):
+                client.batches.cancel("batch_nope")
             with pytest.raises(openai.BadRequestError, match="purpose"):
                 client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
             bad = _upload(client, [{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}])
