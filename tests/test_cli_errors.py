@@ -17,6 +17,7 @@ import time
 import pytest
 
 from gemmarun import cli
+from gemmarun.cli import parser as cli_parser  # the parser binds each command function when built
 from gemmarun.errors import CheckpointError
 
 
@@ -138,16 +139,16 @@ def test_each_exception_kind_becomes_one_line(capsys, monkeypatch):
         (ZeroDivisionError("oops"), 1, "rerun with --debug"),
     ]
     for exc, status, message in cases:
-        monkeypatch.setattr(cli, "cmd_models", _Interrupting(exc))
+        monkeypatch.setattr(cli_parser, "cmd_models", _Interrupting(exc))
         code, err = _main(capsys, "models")
         assert code == status and message in _one_error_line(err)
-    monkeypatch.setattr(cli, "cmd_models", _Interrupting(KeyboardInterrupt()))
+    monkeypatch.setattr(cli_parser, "cmd_models", _Interrupting(KeyboardInterrupt()))
     code, err = _main(capsys, "models")
     assert code == 130 and err.strip() == ""
 
 
 def test_debug_shows_the_traceback(monkeypatch):
-    monkeypatch.setattr(cli, "cmd_models", _Interrupting(CheckpointError("corrupt")))
+    monkeypatch.setattr(cli_parser, "cmd_models", _Interrupting(CheckpointError("corrupt")))
     with pytest.raises(CheckpointError):
         cli.main(["--debug", "models"])
     monkeypatch.setenv("GEMMARUN_DEBUG", "1")
