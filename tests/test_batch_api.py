@@ -131,3 +131,34 @@ def test_batch_api_errors_cancel_and_error_file(lm, engine, tmp_path):
             assert cancelled.request_counts.completed < 40 and cancelled.cancelled_at is not None
     finally:
         server.close()
+
+
+def test_a_cancel_while_the_worker_reads_the_input_file_ends_cancelled(lm, engine, tmp_path, monkeypatch):
+    """The race CI once hit: the worker had taken the batch, cancel() marked it cancelling, and the
+    worker's own 'in_progress' then overwrote that, leaving the batch in progress for good."""
+    server = Server(lm, engine, data_dir=tmp_path)
+    try:
+        with BackgroundServer(server.app) as s:
+            client = _client(s)
+            lines = [
+                {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Once", "max_tokens": 4}}
+                for i in range(3)
+            ]
+            file_id = _upload(client, lines)
+            store, worker = server.batches.store, server.batches.worker
+            read = store.content_path
+            ids = []
+
+            def cancel_first(fid):  # the worker reads the input file: a cancel arrives just then
+                if ids and fid == file_id:
+                    worker.cancel(ids[0])
+                return read(fid)
+
+            monkeypatch.setattr(store, "content_path", cancel_first)
+            batch = store.add_batch(file_id, "/v1/completions", len(lines), None)
+            ids.append(batch["id"])
+            worker.submit(batch["id"])
+            done = _wait(client, batch["id"], lambda b: b.status in ("cancelled", "completed"))
+            assert done.status == "cancelled" and done.cancelled_at is not None
+    finally:
+        server.close()

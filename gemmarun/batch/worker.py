@@ -116,7 +116,11 @@ class BatchWorker:
         out, err = self.store.output_paths(batch_id)
         done_ok, done_failed = finished_ids(out), finished_ids(err)
         counts = {"total": len(lines), "completed": len(done_ok), "failed": len(done_failed)}
-        self.store.update(batch_id, status="in_progress", request_counts=counts)
+        with self.wake:  # as cancel() does: a cancel that came while the file was read is not overwritten
+            if stop.is_set() and not self.closed.is_set():
+                self.store.finish(batch_id, "cancelled")
+                return
+            self.store.update(batch_id, status="in_progress", request_counts=counts)
         todo = [line for line in lines if line.custom_id not in done_ok | done_failed]
         appender = _Appender(self.store, batch_id)
         try:
