@@ -149,14 +149,20 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs if ids is None else torch.zeros_like(logits).scatter_(-1, ids, probs)
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen, gen: torch.Generator | None,
-               grammar=None) -> int:  # fmt: skip
-    """One token id from one row of float32 logits (V,); `seen` lists the ids generated so far;
-    `grammar` (the sequence's GrammarState) forbids what the constraint does not allow, first."""
+def choice_logits(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen, grammar=None) -> torch.Tensor:
+    """The logits (V,) a token is chosen from: the grammar's mask first, then the penalties."""
     if grammar is not None:
         logits = grammar.mask(logits)
     if params.has_penalties:
         logits = apply_penalties(logits, params, prompt, torch.as_tensor(seen, dtype=torch.long))
+    return logits
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen, gen: torch.Generator | None,
+               grammar=None) -> int:  # fmt: skip
+    """One token id from one row of float32 logits (V,); `seen` lists the ids generated so far;
+    `grammar` (the sequence's GrammarState) forbids what the constraint does not allow, first."""
+    logits = choice_logits(logits, params, prompt, seen, grammar)
     if params.greedy:
         return int(torch.argmax(logits))
     probs, ids = candidates(logits, params)

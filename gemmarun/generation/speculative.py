@@ -40,7 +40,7 @@ import torch
 from ..errors import InvalidParameterError
 from . import core
 from .drafts import Draft, ModelDrafter, NgramDrafter
-from .sampling import apply_penalties, sample_one
+from .sampling import choice_logits, sample_one
 from .sequence import SequenceState
 
 METHODS = ("ngram", "model", "off")
@@ -235,11 +235,8 @@ Take = Callable[[SpecRow, int, torch.Tensor], None]
 def undecided(logits: torch.Tensor, r: SpecRow) -> bool:
     """Whether a greedy row's choice at logits (V,) from a verify forward off the fused stack is too
     close to call: its top two (masked, penalised) logits within TIE_MARGIN."""
-    seq, params = r.seq, r.seq.params
-    lg = logits if seq.grammar is None else seq.grammar.mask(logits)
-    if params.has_penalties:
-        lg = apply_penalties(lg, params, r.prompt_t, torch.tensor(seq.ids, dtype=torch.long))
-    top = torch.topk(lg, 2).values
+    seq = r.seq
+    top = torch.topk(choice_logits(logits, seq.params, r.prompt_t, seq.ids, seq.grammar), 2).values
     return float(top[0] - top[1]) < TIE_MARGIN
 
 
@@ -282,7 +279,7 @@ def decode_round(model, cache, rows: list[SpecRow], spec: Speculator, take: Take
         d = spec.drafter.propose(r.state.source, history, k) if k > 0 else Draft([])
         drafts.append(d)
         # a plain n-gram row still checks what it would have proposed, so its acceptance follows the text
-        shadow = not d.tokens and isinstance(spec.drafter, NgramDrafter) and seq.grammar is None
+        shadow = not d.tokens and not plain and isinstance(spec.drafter, NgramDrafter) and seq.grammar is None
         shadows.append(spec.drafter.propose(r.state.source, history, 1).tokens if shadow else None)
     hi = cache.batch_size  # rows not in the round idle as padding
     tokens: list[list[int]] = [[] for _ in range(hi)]
