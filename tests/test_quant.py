@@ -116,9 +116,9 @@ def test_int6_layout_and_error():
     assert packed.shape == (5, 72) and torch.equal(unpack_q6(packed), codes)
     assert torch.equal(pack_q6(codes, rows=2), packed)  # packed in row chunks alike
     one = torch.full((1, 32), -32, dtype=torch.int8)
-    one[0, 17] = 31  # value 17's top bits: 64-bit quarter 2 of the odd register, word 0, bit 0
-    one[0, 6] = 31  # value 6: quarter 0 of the even register, word 3, bit 4
-    assert int.from_bytes(bytes(pack_q6(one)[0, 16:].tolist()), "little") == 3 << 0 | 3 << (48 + 4)
+    one[0, 17] = 31  # value 17 = 16 lane + 2 i + r (lane 1, i 0, r 1): byte 0, bit 2 lane + 4 r = 6
+    one[0, 6] = 31  # value 6 (lane 0, i 3, r 0): byte 3, bit 0
+    assert int.from_bytes(bytes(pack_q6(one)[0, 16:].tolist()), "little") == 3 << 6 | 3 << 24
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
     p = quantize_int6(w)
     assert p.bits == 6 and p.q.shape == (64, 384) and p.in_features == 512

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import gemmarun
 from gemmarun.quant import METADATA_KEY, pack_q6, save_quantized, unpack_q6
-from gemmarun.quant.format import q6_from_canonical, q6_to_canonical
+from gemmarun.quant.format import q6_from_canonical, q6_from_v1, q6_to_canonical
 
 from checkpoints import make_reference, save_checkpoint
 
@@ -30,17 +30,28 @@ def _canonical_by_hand(codes: np.ndarray) -> np.ndarray:
     return out.reshape(n, k // 32 * 24)
 
 
-def _old_layout_by_hand(canonical: np.ndarray) -> np.ndarray:
-    """Canonical q6 bytes -> the layout of version 1 files (AVX2's lane order, as isa/common.h states
-    it: value v = 16 lane + 8 h + 2 i + r keeps its top bits in byte 2 i + (r xor lane), at bit 2 h + 4 (1 - lane))."""
+def _word_by_hand(canonical: np.ndarray, byte_and_bit) -> np.ndarray:
+    """Canonical q6 bytes with each word rewritten, value v's top bits moved to byte_and_bit(v)."""
     blocks = canonical.reshape(canonical.shape[0], -1, 24)
     out = blocks.copy()
     out[:, :, 16:] = 0
     for v in range(32):
         top = (blocks[:, :, 16 + v // 4] >> (2 * (v % 4))) & 3
-        lane, h, i, r = v >> 4, (v >> 3) & 1, (v >> 1) & 3, v & 1
-        out[:, :, 16 + 2 * i + (r ^ lane)] |= (top << (2 * h + 4 * (1 - lane))).astype(np.uint8)
+        byte, bit = byte_and_bit(v)
+        out[:, :, 16 + byte] |= (top << bit).astype(np.uint8)
     return out.reshape(canonical.shape)
+
+
+def _kernel_layout_by_hand(canonical: np.ndarray) -> np.ndarray:
+    """Canonical q6 bytes -> the kernels' in-memory order, as isa/common.h states it: value
+    v = 16 lane + 2 i + r keeps its top bits in byte i, at bit 2 lane + 4 r."""
+    return _word_by_hand(canonical, lambda v: ((v >> 1) & 7, 2 * (v >> 4) + 4 * (v & 1)))
+
+
+def _old_layout_by_hand(canonical: np.ndarray) -> np.ndarray:
+    """Canonical q6 bytes -> the layout of version 1 files (the kernels' order before): value
+    v = 16 lane + 8 h + 2 i + r keeps its top bits in byte 2 i + (r xor lane), at bit 2 h + 4 (1 - lane)."""
+    return _word_by_hand(canonical, lambda v: (2 * ((v >> 1) & 3) + ((v & 1) ^ (v >> 4)), 2 * ((v >> 3) & 1) + 4 * (1 - (v >> 4))))
 
 
 @pytest.mark.parametrize("shape", [(1, 32), (3, 96), (5, 320), (17, 64)])
@@ -51,7 +62,9 @@ def test_canonical_round_trip_on_odd_shapes(shape):
     assert np.array_equal(canonical.numpy(), _canonical_by_hand(codes.numpy()))
     assert torch.equal(q6_from_canonical(canonical, rows=2), kernel)
     assert torch.equal(unpack_q6(q6_from_canonical(canonical)), codes)
-    assert np.array_equal(_old_layout_by_hand(canonical.numpy()), kernel.numpy())  # the old layout is the kernels'
+    assert np.array_equal(_kernel_layout_by_hand(canonical.numpy()), kernel.numpy())
+    old = torch.from_numpy(_old_layout_by_hand(canonical.numpy()))
+    assert torch.equal(q6_from_v1(old, rows=2), kernel)
 
 
 def test_canonical_word_by_hand():

@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .format import Packed, q6_from_canonical, q6_to_canonical
+from .format import Packed, q6_from_canonical, q6_from_v1, q6_to_canonical
 from .modules import _QuantWeight
 
 # A folder like any Hugging Face checkpoint, whose model.safetensors holds `<module>.qweight`,
 # `.scales` and (asymmetric schemes) `.mins` beside the dense norms, and names each module's
 # scheme in the safetensors metadata: readable by any safetensors reader, on any torch version.
 # Each scheme carries the format version of its tensors' layout:
-#   1 (or none: files written before versions): q6 words in the kernels' AVX2 lane order;
+#   1 (or none: files written before versions): q6 words in an earlier kernels' order (V1_HIGH_BITS);
 #   2: the canonical layout of quant/format.py, which no ISA defines (q4 and q8 are the same in both).
 # Loading turns a stored layout into the in-memory one the kernels read; saving writes version 2.
 
@@ -62,8 +62,8 @@ def regroup(tensors, schemes: dict[str, dict]):
         if "qweight" in got and "scales" in got and ("mins" in got or not s["mins"]):
             del parts[module]
             q, bits = got["qweight"], int(s["bits"])
-            if bits == 6 and versions[module] >= 2:
-                q = q6_from_canonical(q)
+            if bits == 6:
+                q = q6_from_canonical(q) if versions[module] >= 2 else q6_from_v1(q)
             yield module + ".weight", Packed(q, got["scales"], got.get("mins"), int(s["group"]), float(s["zero"]), bits)
     if parts:
         from ..errors import CheckpointError

@@ -7,13 +7,14 @@ and value j + 16 in its high nibble (ggml's Q4_0 order). q6: signed 6-bit q (-32
 32 values: the low four bits of q + 32 as q4, then their top two bits in a 64-bit word. Scales/mins
 float16 or float32 (N, K // group).
 
-The q6 word has two orders. In memory, the kernels' (see HIGH_BITS): AVX2's lane order, which lets
-isa/avx2.h (and avx512.h's AVX2-width loads) take each 64-bit quarter's bits with one shift; the
-generic, NEON and AVX-512 layers look every value's bits up in a 32-entry table (isa/common.h), at
-the same cost for any order, so every variant shares this one. On disk (checkpoint format version
-2, quant/checkpoint.py), the canonical order that no ISA defines: value v's two bits at bits 2v and
-2v + 1 of the little-endian word (byte v // 4). Loading turns the canonical order into the kernels'
-(q6_from_canonical), saving back (q6_to_canonical); version 1 files hold the kernels' order as is.
+The q6 word has two orders. In memory, the kernels' (see HIGH_BITS): AVX2's lane order, in which
+isa/avx2.h takes all 32 values' bits from the word's 8 bytes widened to 16-bit fields with
+immediate shifts; the generic, NEON and AVX-512 layers look every value's bits up in a 32-entry
+table (isa/common.h), at the same cost for any order, so every variant shares this one. On disk
+(checkpoint format version 2, quant/checkpoint.py), the canonical order that no ISA defines: value
+v's two bits at bits 2v and 2v + 1 of the little-endian word (byte v // 4). Loading turns the
+canonical order into the kernels' (q6_from_canonical), saving back (q6_to_canonical). Version 1
+files hold an earlier kernels' order (V1_HIGH_BITS, for AVX2 variable shifts): q6_from_v1.
 """
 
 from __future__ import annotations
@@ -56,11 +57,17 @@ def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
 
 
 def _high_bit_positions() -> torch.Tensor:
-    """Bit of a q6 block's 64-bit word holding value v's top two bits, for v in 0..31. The kernel
-    widens values to int16 words in four 64-bit quarters per register (quarters 0-1: values 2j of
-    the first half block, 2-3: of the second; the second register the odd values) and takes each
-    quarter's top bits with one shift (see load_block in kernels/qlinear.cpp): each 16-bit field of
-    the word holds them at bit 4 + 2 Q for quarter Q of the first register, 12, 14, 0, 2 for the second."""
+    """Bit of a q6 block's 64-bit word holding value v's top two bits, for v in 0..31: value
+    v = 16 lane + 2 i + r at bit 8 i + 2 lane + 4 r (isa/common.h's high_bit). The AVX2 kernel
+    widens values to int16 fields, field i of each 128-bit lane holding values 2 i + 16 lane (first
+    register) and 2 i + 1 + 16 lane (second): byte i of the word holds all four of field i's bits."""
+    v = torch.arange(32)
+    return 8 * ((v >> 1) & 7) + 2 * (v >> 4) + 4 * (v & 1)
+
+
+def _v1_high_bit_positions() -> torch.Tensor:
+    """The order version 1 files hold: each 16-bit field of the word with one 64-bit quarter's bits
+    at bit 4 + 2 Q for quarter Q of the first register, 12, 14, 0, 2 for the second."""
     slots = ((4, 6, 8, 10), (12, 14, 0, 2))
     pos = torch.empty(32, dtype=torch.int64)
     for r in range(2):
@@ -73,6 +80,7 @@ def _high_bit_positions() -> torch.Tensor:
 
 HIGH_BITS = _high_bit_positions()
 HIGH_BYTE, HIGH_SHIFT = HIGH_BITS // 8, (HIGH_BITS % 8).to(torch.uint8)  # the same as byte, bit
+V1_HIGH_BITS = _v1_high_bit_positions()
 
 
 def pack_q6(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -91,25 +99,38 @@ def pack_q6(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
 def _kernel_word(top: torch.Tensor) -> torch.Tensor:
     """(m, blocks, 32) top bits (0..3) -> (m, blocks, 8) bytes of the kernels' word."""
     m, nb, _ = top.shape
-    # HIGH_BITS by slices, not a gather (3x faster at load): value v = 16 lane + 8 h + 2 i + r has
-    # its bits in byte 2 i + (r xor lane), at bit 2 h + 4 (1 - lane).
-    t = top.view(m, nb, 2, 2, 4, 2)  # (lane, h, i, r)
-    first = (t[:, :, 0, 0] << 4) | (t[:, :, 0, 1] << 6)  # (m, nb, i, r): lane 0 lands in byte 2 i + r
-    second = (t[:, :, 1, 0] | (t[:, :, 1, 1] << 2)).flip(-1)  # lane 1 in byte 2 i + 1 - r
-    return (first | second).view(m, nb, 8)
+    # HIGH_BITS by slices, not a gather (3x faster at load): value v = 16 lane + 2 i + r has its
+    # bits in byte i, at bit 2 lane + 4 r.
+    t = top.view(m, nb, 2, 8, 2)  # (lane, i, r)
+    return t[:, :, 0, :, 0] | (t[:, :, 1, :, 0] << 2) | (t[:, :, 0, :, 1] << 4) | (t[:, :, 1, :, 1] << 6)
 
 
 _TWO_BITS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)  # the four values' shifts in a canonical byte
 
 
-def q6_from_canonical(b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """q6 bytes (N, K // 32 * 24) in the canonical (stored) order -> the kernels' order, `rows` at a time."""
+def _rewrite_words(b: torch.Tensor, tops, rows: int) -> torch.Tensor:
+    """q6 bytes with each block's word replaced by _kernel_word(tops(word)), `rows` at a time."""
     out = b.clone()
     for r in range(0, b.shape[0], rows):
         word = out[r : r + rows].view(-1, b.shape[1] // 24, 24)[:, :, 16:]
-        top = (word.unsqueeze(-1) >> _TWO_BITS) & 3  # (m, nb, 8 bytes, 4 values): value 4 byte + j
-        word.copy_(_kernel_word(top.flatten(2)))
+        word.copy_(_kernel_word(tops(word)))
     return out
+
+
+def _gathered(positions: torch.Tensor):
+    byte, shift = positions // 8, (positions % 8).to(torch.uint8)
+    return lambda word: (word[:, :, byte] >> shift) & 3  # (m, nb, 32)
+
+
+def q6_from_canonical(b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """q6 bytes (N, K // 32 * 24) in the canonical (stored) order -> the kernels' order, `rows` at a time."""
+    # value 4 byte + j at bits 2 j of its byte
+    return _rewrite_words(b, lambda word: ((word.unsqueeze(-1) >> _TWO_BITS) & 3).flatten(2), rows)
+
+
+def q6_from_v1(b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """q6 bytes in version 1 files' order (V1_HIGH_BITS) -> the kernels' order."""
+    return _rewrite_words(b, _gathered(V1_HIGH_BITS), rows)
 
 
 def q6_to_canonical(b: torch.Tensor, rows: int = 4096) -> torch.Tensor:

@@ -70,12 +70,13 @@ inline float to_float(half h) {
 }
 
 // q6 blocks: 16 bytes of low nibbles as q4 (byte j: value j low, value j + 16 high), then a 64-bit
-// word of the codes' top two bits, at bit high_bit(v) for value v (quant.py's HIGH_BITS). That
-// order is AVX2's lane order (see isa/avx2.h): value v = 16 lane + 8 h + 2 i + r keeps its bits in
-// byte 2 i + (r xor lane), at bit 2 h + 4 (1 - lane). Other layers gather them from this table.
+// word of the codes' top two bits, at bit high_bit(v) for value v (quant/format.py's HIGH_BITS).
+// That order follows AVX2's lanes (see isa/avx2.h): value v = 16 lane + 2 i + r keeps its bits in
+// byte i, at bit 2 lane + 4 r, so widening the bytes to 16-bit fields puts field i's four values
+// in one field. Other layers gather them from this table.
 constexpr int high_bit(int v) {
-  const int lane = v >> 4, h = (v >> 3) & 1, i = (v >> 1) & 3, r = v & 1;
-  return 16 * i + 8 * (r ^ lane) + 2 * h + 4 * (1 - lane);
+  const int lane = v >> 4, i = (v >> 1) & 7, r = v & 1;
+  return 8 * i + 2 * lane + 4 * r;
 }
 
 // GELU, tanh form, as x / (1 + e^(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3): 0.5 x (1 + tanh u)
