@@ -46,8 +46,8 @@ def test_x86_layer_matches_generic(variant, tmp_path):
 
 
 def _has_header(header: str) -> bool:
-    probe = subprocess.run(["g++", "-x", "c++", "-E", "-o", "/dev/null", "-"], input=f"#include <{header}>\n", capture_output=True, text=True)
-    return probe.returncode == 0
+    probe = ["g++", "-x", "c++", "-E", "-o", "/dev/null", "-"]
+    return subprocess.run(probe, input=f"#include <{header}>\n", capture_output=True, text=True).returncode == 0
 
 
 def test_avx512_layer_matches_generic_emulated(tmp_path):
