@@ -183,8 +183,11 @@ def test_an_unwritable_cache_falls_back_to_the_portable_path(folder, tmp_path):
 
 def test_ctrl_c_while_torch_imports_exits_130_quietly(folder):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # SIGINT as a terminal's foreground job has it: a runner started in the background (`cmd &` in a
+    # script) passes it on ignored, and Python then installs no KeyboardInterrupt handler at all.
     proc = subprocess.Popen([sys.executable, "-m", "gemmarun.cli", "generate", "-m", str(folder), "-n", "2", "hi"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     time.sleep(0.5)  # the interpreter is up, torch (a second or more) is importing
     # Ctrl-C until it ends: an interrupt that lands inside a C extension's import can be swallowed
     # there (seen on an idle machine), and a user presses again; every one must end quietly.
