@@ -79,7 +79,6 @@ def _v1_high_bit_positions() -> torch.Tensor:
 
 
 HIGH_BITS = _high_bit_positions()
-HIGH_BYTE, HIGH_SHIFT = HIGH_BITS // 8, (HIGH_BITS % 8).to(torch.uint8)  # the same as byte, bit
 V1_HIGH_BITS = _v1_high_bit_positions()
 
 
@@ -108,39 +107,39 @@ def _kernel_word(top: torch.Tensor) -> torch.Tensor:
 _TWO_BITS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)  # the four values' shifts in a canonical byte
 
 
-def _rewrite_words(b: torch.Tensor, tops, rows: int) -> torch.Tensor:
-    """q6 bytes with each block's word replaced by _kernel_word(tops(word)), `rows` at a time."""
+def _rewrite_words(b: torch.Tensor, rewrite, rows: int) -> torch.Tensor:
+    """q6 bytes with each block's 8-byte word (m, nb, 8) replaced by rewrite(word), `rows` at a time."""
     out = b.clone()
     for r in range(0, b.shape[0], rows):
         word = out[r : r + rows].view(-1, b.shape[1] // 24, 24)[:, :, 16:]
-        word.copy_(_kernel_word(tops(word)))
+        word.copy_(rewrite(word))
     return out
 
 
-def _gathered(positions: torch.Tensor):
-    byte, shift = positions // 8, (positions % 8).to(torch.uint8)
-    return lambda word: (word[:, :, byte] >> shift) & 3  # (m, nb, 32)
+def _gathered_tops(word: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(m, nb, 8) word bytes -> (m, nb, 32) top bits, value v's at bit positions[v] of the word."""
+    return (word[:, :, positions // 8] >> (positions % 8).to(torch.uint8)) & 3
 
 
 def q6_from_canonical(b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """q6 bytes (N, K // 32 * 24) in the canonical (stored) order -> the kernels' order, `rows` at a time."""
     # value 4 byte + j at bits 2 j of its byte
-    return _rewrite_words(b, lambda word: ((word.unsqueeze(-1) >> _TWO_BITS) & 3).flatten(2), rows)
+    return _rewrite_words(b, lambda word: _kernel_word(((word.unsqueeze(-1) >> _TWO_BITS) & 3).flatten(2)), rows)
 
 
 def q6_from_v1(b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """q6 bytes in version 1 files' order (V1_HIGH_BITS) -> the kernels' order."""
-    return _rewrite_words(b, _gathered(V1_HIGH_BITS), rows)
+    return _rewrite_words(b, lambda word: _kernel_word(_gathered_tops(word, V1_HIGH_BITS)), rows)
 
 
 def q6_to_canonical(b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """q6 bytes in the kernels' order -> the canonical order (what a checkpoint stores)."""
-    out = b.clone()
-    for r in range(0, b.shape[0], rows):
-        word = out[r : r + rows].view(-1, b.shape[1] // 24, 24)[:, :, 16:]
-        top = (word[:, :, HIGH_BYTE] >> HIGH_SHIFT) & 3  # (m, nb, 32)
-        word.copy_((top.view(*top.shape[:2], 8, 4) << _TWO_BITS).sum(-1, dtype=torch.uint8))
-    return out
+
+    def canonical(word: torch.Tensor) -> torch.Tensor:
+        top = _gathered_tops(word, HIGH_BITS)  # (m, nb, 32)
+        return (top.view(*top.shape[:2], 8, 4) << _TWO_BITS).sum(-1, dtype=torch.uint8)
+
+    return _rewrite_words(b, canonical, rows)
 
 
 def unpack_q6(b: torch.Tensor) -> torch.Tensor:
@@ -149,7 +148,7 @@ def unpack_q6(b: torch.Tensor) -> torch.Tensor:
     blocks = b.reshape(n, -1, 24)
     nb = blocks.shape[1]
     low = unpack_nibbles(blocks[:, :, :16].reshape(n, nb * 16)).view(n, nb, 32)
-    high = (blocks[:, :, 16:][:, :, HIGH_BYTE.to(b.device)] >> HIGH_SHIFT.to(b.device)) & 3  # (n, nb, 32)
+    high = _gathered_tops(blocks[:, :, 16:], HIGH_BITS.to(b.device))  # (n, nb, 32)
     return ((low | (high << 4)).view(torch.int8) - 32).view(n, nb * 32)
 
 
