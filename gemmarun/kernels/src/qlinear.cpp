@@ -62,21 +62,39 @@ void run(const float* x, int64_t M, int64_t K, std::vector<Weight>& ws) {
     w.xg = xg;
     at += M * (K / w.group);
   }
-  // Threads take tiles from a shared counter rather than fixed halves: a thread that starts late
-  // or streams slower would otherwise leave the other waiting at the end of every call.
-  std::atomic<int64_t> next{0};
-  const int64_t ntiles = first[n];
-  const int64_t* starts = first.data();  // a local name for the workers, as in quantise_rows
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t t0; (t0 = next.fetch_add(TILES_TAKEN)) < ntiles;) {
-      for (int64_t t = t0; t < std::min(t0 + TILES_TAKEN, ntiles); ++t) {
-        int64_t i = 0;
-        while (t >= starts[i + 1]) ++i;  // a handful of matrices: a scan beats a search
-        const Weight& w = ws[i];
-        const int64_t r0 = (t - starts[i]) * WEIGHT_TILE;
-        matrix_rows<Isa>(w, xq, M, K, r0, std::min(r0 + WEIGHT_TILE, w.N));
+  // Each thread streams a region of its own (tiles numbered across the matrices, cut in equal
+  // runs) and, once it is drained, takes what is left of the others' from their counters: a thread
+  // that starts late or streams slower leaves no one waiting at the end of a call, and each still
+  // reads one long run of memory. Two threads drawing 4 tiles at a time from one counter
+  // interleaved their reads and streamed the 262k x 640 int8 LM head ~8% slower (AMD EPYC,
+  // family 23).
+  const int64_t ntiles = first[n], threads = at::get_num_threads();
+  struct alignas(64) Counter {  // a cache line each: the owner's claims do not disturb the others'
+    std::atomic<int64_t> next;
+  };
+  thread_local std::vector<Counter> counters;
+  thread_local std::vector<int64_t> bounds;
+  if (static_cast<int64_t>(counters.size()) != threads) counters = std::vector<Counter>(threads);
+  bounds.assign(threads + 1, 0);
+  for (int64_t i = 0; i <= threads; ++i) bounds[i] = ntiles * i / threads;
+  for (int64_t i = 0; i < threads; ++i) counters[i].next = bounds[i];
+  const int64_t* starts = first.data();  // local names for the workers, as in quantise_rows
+  Counter* next = counters.data();
+  const int64_t* ends = bounds.data() + 1;
+  at::parallel_for(0, threads, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t own = r0; own < r1; ++own)
+      for (int64_t k = 0; k < threads; ++k) {
+        const int64_t region = (own + k) % threads;
+        for (int64_t t0; (t0 = next[region].next.fetch_add(TILES_TAKEN)) < ends[region];) {
+          for (int64_t t = t0; t < std::min(t0 + TILES_TAKEN, ends[region]); ++t) {
+            int64_t i = 0;
+            while (t >= starts[i + 1]) ++i;  // a handful of matrices: a scan beats a search
+            const Weight& w = ws[i];
+            const int64_t r = (t - starts[i]) * WEIGHT_TILE;
+            matrix_rows<Isa>(w, xq, M, K, r, std::min(r + WEIGHT_TILE, w.N));
+          }
+        }
       }
-    }
   });
 }
 
