@@ -54,11 +54,15 @@ class Rope:
         # Explicit CPU device: models are built under torch.device("meta"), and this is no parameter.
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
         self.inv_freq = 1.0 / (base**exponent) / scaling
+        # Each frequency twice, as the reference's cat([freqs, freqs]) has the angles: one product
+        # per angle either way, so the same bits, and one op less a step.
+        self.inv_freq2 = torch.cat([self.inv_freq, self.inv_freq])
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         # (B, T) -> two (B, 1, T, D); angles in fp32, then cast like the reference does.
-        freqs = positions.clamp(min=0).float()[..., None] * self.inv_freq.to(positions.device)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        if self.inv_freq2.device != positions.device:
+            self.inv_freq2 = self.inv_freq2.to(positions.device)
+        emb = (positions.clamp(min=0).float()[..., None] * self.inv_freq2)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -181,6 +185,7 @@ class Gemma(nn.Module):
         self._ops: Backend | None = None  # chosen on the first forward after loading or moving
         self._stack = None  # the C++ decode loop over the layers, built on the first decoding step
         self._cache_dtype: torch.dtype | None = None
+        self._embed_scales: dict[torch.dtype, torch.Tensor] = {}
 
     def _apply(self, fn, recurse=True):
         # a move may change the device or dtype the backend was chosen for, and the decode stack
@@ -219,6 +224,15 @@ class Gemma(nn.Module):
             self._stack = self.ops.decode_stack(self) or False
         return self._stack
 
+    def _embed_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """sqrt(hidden_size) as a scalar tensor of `dtype`, made once per dtype (a tensor a step cost ~10 us)."""
+        scale = self._embed_scales.get(dtype)
+        if scale is None:
+            scale = torch.tensor(math.sqrt(self.config.hidden_size), dtype=dtype)
+            if not torch.compiler.is_compiling():  # a traced step keeps its own constant
+                self._embed_scales[dtype] = scale
+        return scale
+
     @property
     def dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype  # norms stay dense when the matrices are quantised
@@ -252,7 +266,7 @@ class Gemma(nn.Module):
         dtype = self.dtype
         x = self.model.embed_tokens(tokens).to(dtype)  # (B, T, C)
         # sqrt(hidden) rounded to the activation dtype first: the reference multiplies by a bf16 scalar.
-        x = x * torch.tensor(math.sqrt(cfg.hidden_size), dtype=dtype)
+        x = x * self._embed_scale(dtype)
         plans = cache.plan(positions) if cache is not None else plan_without_cache(cfg, positions)
         cos_g, sin_g = self.rope_global.cos_sin(positions, dtype)
         cos_l, sin_l = self.rope_local.cos_sin(positions, dtype)
@@ -280,7 +294,7 @@ class Gemma(nn.Module):
                     x = layer(x, cos_l, sin_l, plans["sliding"], cache, ops)
                 else:
                     x = layer(x, cos_g, sin_g, plans["global"], cache, ops)
-        if select is not None:
+        if select is not None and t > 1:  # with one position x is (B, 1, C) already
             x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (B, 1, C)
         x = self.model.norm(x, ops=self.ops)
         logits = self.model.embed_tokens.attend(x).float()  # tied LM head

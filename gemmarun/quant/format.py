@@ -154,15 +154,18 @@ def unpack_q6(b: torch.Tensor) -> torch.Tensor:
 
 def dequantize(p: Packed, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
     """float32 weights (n, K) of the selected output rows."""
-    q = p.q[rows]
+    # index_select for row ids: a tensor index goes through advanced indexing, ~3x the time for the
+    # few rows of a decoding step's embedding lookup
+    pick = (lambda t: t.index_select(0, rows)) if isinstance(rows, torch.Tensor) else (lambda t: t[rows])
+    q = pick(p.q)
     q = (unpack_nibbles(q) if p.bits == 4 else unpack_q6(q) if p.bits == 6 else q).float()
     n, k = q.shape
     q = q.view(n, k // p.group, p.group)
     if p.zero:
         q = q - p.zero
-    w = q * p.scales[rows].float().unsqueeze(-1)
+    w = q * pick(p.scales).float().unsqueeze(-1)
     if p.mins is not None:
-        w = w + p.mins[rows].float().unsqueeze(-1)
+        w = w + pick(p.mins).float().unsqueeze(-1)
     return w.view(n, k)
 
 

@@ -109,7 +109,7 @@ class QuantEmbedding(_QuantWeight):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        return dequantize(self.packed, flat).view(*ids.shape, -1)
+        return dequantize(Packed(*self.kernel_args), flat).view(*ids.shape, -1)  # kernel_args: no buffer lookups
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
