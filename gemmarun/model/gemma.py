@@ -53,10 +53,10 @@ class Rope:
         # Linear scaling divides positions by the factor, i.e. divides the frequencies.
         # Explicit CPU device: models are built under torch.device("meta"), and this is no parameter.
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-        self.inv_freq = 1.0 / (base**exponent) / scaling
+        inv_freq = 1.0 / (base**exponent) / scaling
         # Each frequency twice, as the reference's cat([freqs, freqs]) has the angles: one product
         # per angle either way, so the same bits, and one op less a step.
-        self.inv_freq2 = torch.cat([self.inv_freq, self.inv_freq])
+        self.inv_freq2 = torch.cat([inv_freq, inv_freq])
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         # (B, T) -> two (B, 1, T, D); angles in fp32, then cast like the reference does.

@@ -89,7 +89,7 @@ class _QuantWeight(nn.Module):
 
     @property
     def packed(self) -> Packed:
-        return Packed(self.qweight, self.scales, self.mins, self.group, self.zero, self.bits)
+        return Packed(*self.kernel_args)  # the same fields, without the buffer lookups
 
     def scheme(self) -> dict:
         return {"bits": self.bits, "group": self.group, "zero": self.zero, "mins": self.mins is not None,
@@ -109,7 +109,7 @@ class QuantEmbedding(_QuantWeight):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        return dequantize(Packed(*self.kernel_args), flat).view(*ids.shape, -1)  # kernel_args: no buffer lookups
+        return dequantize(self.packed, flat).view(*ids.shape, -1)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)

@@ -72,21 +72,18 @@ void run(const float* x, int64_t M, int64_t K, std::vector<Weight>& ws) {
   struct alignas(64) Counter {  // a cache line each: the owner's claims do not disturb the others'
     std::atomic<int64_t> next;
   };
+  auto start_of = [&](int64_t region) { return ntiles * region / threads; };  // region r: [start_of(r), start_of(r + 1))
   thread_local std::vector<Counter> counters;
-  thread_local std::vector<int64_t> bounds;
   if (static_cast<int64_t>(counters.size()) != threads) counters = std::vector<Counter>(threads);
-  bounds.assign(threads + 1, 0);
-  for (int64_t i = 0; i <= threads; ++i) bounds[i] = ntiles * i / threads;
-  for (int64_t i = 0; i < threads; ++i) counters[i].next = bounds[i];
+  for (int64_t i = 0; i < threads; ++i) counters[i].next = start_of(i);
   const int64_t* starts = first.data();  // local names for the workers, as in quantise_rows
   Counter* next = counters.data();
-  const int64_t* ends = bounds.data() + 1;
   at::parallel_for(0, threads, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t own = r0; own < r1; ++own)
       for (int64_t k = 0; k < threads; ++k) {
-        const int64_t region = (own + k) % threads;
-        for (int64_t t0; (t0 = next[region].next.fetch_add(TILES_TAKEN)) < ends[region];) {
-          for (int64_t t = t0; t < std::min(t0 + TILES_TAKEN, ends[region]); ++t) {
+        const int64_t region = (own + k) % threads, end = start_of(region + 1);
+        for (int64_t t0; (t0 = next[region].next.fetch_add(TILES_TAKEN)) < end;) {
+          for (int64_t t = t0; t < std::min(t0 + TILES_TAKEN, end); ++t) {
             int64_t i = 0;
             while (t >= starts[i + 1]) ++i;  // a handful of matrices: a scan beats a search
             const Weight& w = ws[i];
