@@ -10,7 +10,7 @@ import torch
 
 import gemmarun
 from gemmarun import InvalidParameterError, SamplingParams
-from gemmarun.generation.sampling import probabilities, sample_one
+from gemmarun.generation.sampling import greedy_token, probabilities, sample_one
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,19 @@ def test_top_k_one_is_greedy(lm):
     greedy = lm.generate("Once upon", max_new_tokens=12, ignore_eos=True)
     sampled = lm.generate("Once upon", max_new_tokens=12, temperature=0.9, top_k=1, seed=3, ignore_eos=True)
     assert sampled.token_ids == greedy.token_ids
+
+
+def test_greedy_token_is_torch_argmax():
+    nan, inf = float("nan"), float("inf")
+    rows = [[1.0, nan, 3.0, nan], [-inf, -inf, -inf], [2.0, 5.0, 5.0, 1.0], [-0.0, 0.0], [inf, nan], [nan, inf], [3.0, inf, inf]]
+    gen = torch.Generator().manual_seed(0)
+    rows += [torch.randn(262144, generator=gen).tolist(), torch.randint(0, 4, (1000,), generator=gen).float().tolist()]
+    for row in rows:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            x = torch.tensor(row, dtype=dtype)
+            assert greedy_token(x) == int(torch.argmax(x))
+    x = torch.randn(3, 50, generator=gen)
+    assert greedy_token(x[:, 7]) == int(torch.argmax(x[:, 7]))  # a strided column
 
 
 def test_filters_keep_the_right_tokens():

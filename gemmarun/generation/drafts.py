@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..errors import InvalidParameterError
 from ..model.cache import KVCache
 from . import core
+from .sampling import greedy_token
 
 
 @dataclass
@@ -108,7 +107,7 @@ class ModelDrafter:
         # The draft's argmax, for sampled rows too: a point mass the target keeps with probability
         # p(x), as the standard rule would (speculative.py). Penalties are left to the target.
         for j in range(k):
-            tok = int(torch.argmax(logits))
+            tok = greedy_token(logits)
             tokens.append(tok)
             if j + 1 < k:
                 logits = core.decode(self.model, row.cache, [tok], [len(ids) + j])[0]

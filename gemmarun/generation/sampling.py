@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import InvalidParameterError
@@ -158,13 +159,22 @@ def choice_logits(logits: torch.Tensor, params: SamplingParams, prompt: torch.Te
     return logits
 
 
+def greedy_token(logits: torch.Tensor) -> int:
+    """The index of the largest of one row of logits (V,), the first on a tie or NaN, as torch.argmax.
+    A float32 row on the CPU goes through numpy: torch.argmax took 660 us over the 262k vocabulary
+    (3% of a 270M decoding step) where numpy's takes 63 (AMD EPYC, family 23)."""
+    if logits.device.type == "cpu" and logits.dim() == 1 and logits.dtype in (torch.float32, torch.float64):
+        return int(np.argmax(logits.detach().numpy()))
+    return int(torch.argmax(logits))
+
+
 def sample_one(logits: torch.Tensor, params: SamplingParams, prompt: torch.Tensor, seen, gen: torch.Generator | None,
                grammar=None) -> int:  # fmt: skip
     """One token id from one row of float32 logits (V,); `seen` lists the ids generated so far;
     `grammar` (the sequence's GrammarState) forbids what the constraint does not allow, first."""
     logits = choice_logits(logits, params, prompt, seen, grammar)
     if params.greedy:
-        return int(torch.argmax(logits))
+        return greedy_token(logits)
     probs, ids = candidates(logits, params)
     # Inverse CDF with one uniform draw: the same distribution as torch.multinomial at a fraction of
     # its cost. float64 sums, so the last token's share is not lost to rounding.
