@@ -240,6 +240,30 @@ void check_dot_axpy(const char* type, T (*make)(float)) {
     V::axpy(0.37f, b.data(), yv.data(), n);
     for (int64_t i = 0; i < n; ++i) c(std::fabs(yv[i] - yg[i]), 2e-7 * (std::fabs(yg[i]) + std::fabs(0.37f * to_float(b[i]))));
   }
+  // dots and axpys: exactly the bits of dot and axpy one at a time (attention's scores and sums
+  // rest on it: a key's terms must not depend on how many keys a call takes at once)
+  Check e(std::string("dots and axpys over ") + type + " equal dot and axpy");
+  for (int64_t n : {1, 7, 8, 9, 63, 64, 65, 72, 130, 256}) {
+    std::vector<std::vector<T>> rows(5, std::vector<T>(n));
+    std::vector<const T*> ptr;
+    for (auto& row : rows) {
+      const std::vector<float> v = randn(n);
+      for (int64_t i = 0; i < n; ++i) row[i] = make(v[i]);
+      ptr.push_back(row.data());
+    }
+    const std::vector<float> a = randn(n), p = randn(5);
+    float four[4], one;
+    V::template dots<4>(a.data(), ptr.data() + 1, n, four);
+    for (int j = 0; j < 4; ++j) e(four[j] == V::dot(a.data(), ptr[1 + j], n) ? 0.0 : 1.0, 0.0);
+    V::template dots<1>(a.data(), ptr.data(), n, &one);
+    e(one == V::dot(a.data(), ptr[0], n) ? 0.0 : 1.0, 0.0);
+    for (int64_t m : {0, 1, 5}) {
+      std::vector<float> ys = randn(n), y1 = ys;
+      V::axpys(p.data(), ptr.data(), m, ys.data(), n);
+      for (int64_t s = 0; s < m; ++s) V::axpy(p[s], ptr[s], y1.data(), n);
+      for (int64_t i = 0; i < n; ++i) e(ys[i] == y1[i] ? 0.0 : 1.0, 0.0);
+    }
+  }
 }
 
 void check_half_conversion() {

@@ -19,6 +19,8 @@
 //   scale_at(s, i), scale_products8(sc, xd, f): f[j] = sc[j] * xd[j] for j < 8
 //   offset_dot(scales, mins, zero, xg, ng) = sum_g (mins[g] - scales[g] * zero) * xg[g]
 //   dot(a, b, n), axpy(a, x, y, n)       float32 a, y against float32 / half / bfloat16 b, x
+//   dots<Q>(a, b, n, out)     out[j] = dot(a, b[j], n) for j < Q, with dot's bits
+//   axpys(p, x, m, y, n)      axpy(p[s], x[s], y, n) for s = 0 .. m - 1, with their bits
 //   sum_squares(x, n), norm_row(x, inv, w, res, out, n): out = [res +] x * inv * (1 + w)
 //   geglu_row(gate, up, out, n): gelu_tanh(gate) * up
 //   group_stats / round_levels / weighted_error: the int4 search's passes over one group

@@ -98,9 +98,19 @@ struct Generic {
     return s;
   }
 
+  template <int Q, typename T>
+  static void dots(const float* a, const T* const* b, int64_t n, float* out) {
+    for (int j = 0; j < Q; ++j) out[j] = dot(a, b[j], n);
+  }
+
   template <typename T>
   static void axpy(float a, const T* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += a * to_float(x[i]);
+  }
+
+  template <typename T>
+  static void axpys(const float* p, const T* const* x, int64_t m, float* y, int64_t n) {
+    for (int64_t s = 0; s < m; ++s) axpy(p[s], x[s], y, n);
   }
 
   static float sum_squares(const float* x, int64_t n) {

@@ -160,11 +160,51 @@ struct Neon : Generic {
     return s;
   }
 
+  // Q dots of a against b[0..Q), each summed as dot() sums it (see Avx2::dots)
+  template <int Q, typename T>
+  static void dots(const float* a, const T* const* b, int64_t n, float* out) {
+    float32x4_t acc0[Q], acc1[Q];
+    for (int j = 0; j < Q; ++j) acc0[j] = acc1[j] = vdupq_n_f32(0.f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const float32x4_t x0 = vld1q_f32(a + i), x1 = vld1q_f32(a + i + 4);
+      for (int j = 0; j < Q; ++j) {
+        acc0[j] = vfmaq_f32(acc0[j], x0, load4(b[j] + i));
+        acc1[j] = vfmaq_f32(acc1[j], x1, load4(b[j] + i + 4));
+      }
+    }
+    for (int j = 0; j < Q; ++j) {
+      float s = vaddvq_f32(vaddq_f32(acc0[j], acc1[j]));
+      for (int64_t r = i; r < n; ++r) s += a[r] * to_float(b[j][r]);
+      out[j] = s;
+    }
+  }
+
   template <typename T>
   static void axpy(float a, const T* x, float* y, int64_t n) {
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), load4(x + i), a));
     for (; i < n; ++i) y[i] += a * to_float(x[i]);
+  }
+
+  // y += p[0] x[0] + .. + p[m - 1] x[m - 1], term by term as m axpy calls (see Avx2::axpys)
+  template <typename T>
+  static void axpys(const float* p, const T* const* x, int64_t m, float* y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      float32x4_t acc[16];
+      for (int c = 0; c < 16; ++c) acc[c] = vld1q_f32(y + i + 4 * c);
+      for (int64_t s = 0; s < m; ++s)
+        for (int c = 0; c < 16; ++c) acc[c] = vfmaq_n_f32(acc[c], load4(x[s] + i + 4 * c), p[s]);
+      for (int c = 0; c < 16; ++c) vst1q_f32(y + i + 4 * c, acc[c]);
+    }
+    for (; i + 4 <= n; i += 4) {
+      float32x4_t acc = vld1q_f32(y + i);
+      for (int64_t s = 0; s < m; ++s) acc = vfmaq_n_f32(acc, load4(x[s] + i), p[s]);
+      vst1q_f32(y + i, acc);
+    }
+    for (; i < n; ++i)
+      for (int64_t s = 0; s < m; ++s) y[i] += p[s] * to_float(x[s][i]);
   }
 
   static float sum_squares(const float* x, int64_t n) {

@@ -29,9 +29,16 @@ template <> struct Bits<c10::Half> { using type = gemmarun_isa::half; };
 template <> struct Bits<c10::BFloat16> { using type = gemmarun_isa::bfloat16; };
 static_assert(sizeof(c10::Half) == 2 && sizeof(c10::BFloat16) == 2, "16-bit cache types");
 
+// out[j] = dot(a, keys[j], D) for j < Q, the same bits as one at a time
+template <int Q, typename T>
+void dots(const float* a, const T* const* keys, int64_t D, float* out) {
+  Isa::dots<Q>(a, reinterpret_cast<const typename Bits<T>::type* const*>(keys), D, out);
+}
+
+// y += p[0] x[0] + p[1] x[1] + ... (m terms, in that order), the same bits as m axpy calls
 template <typename T>
-float dot(const float* a, const T* b, int64_t D) {
-  return Isa::dot(a, reinterpret_cast<const typename Bits<T>::type*>(b), D);
+void axpys(const float* p, const T* const* x, int64_t m, float* y, int64_t D) {
+  Isa::axpys(p, reinterpret_cast<const typename Bits<T>::type* const*>(x), m, y, D);
 }
 
 template <typename T>
@@ -109,25 +116,42 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         out[u * P + D] = -INFINITY;
         out[u * P + D + 1] = 0.f;
       }
-      for (int64_t s = s0; s < s1; ++s)
-        for (int64_t t = 0; t < Tq; ++t) {
-          if (!visible[t * E + s]) continue;
-          for (int64_t u = t * g; u < (t + 1) * g; ++u) {
-            float x = dot(qg + u * D, keys + s * D, D) * sc;
+      // Per position, the span's keys it sees; per query, their scores four keys at a time (four
+      // dot chains in flight: one at a time left each score to FMA latency), then the weighted sum
+      // of their values kept in registers across keys (axpy per key loaded and stored the sum each
+      // time). Each score and each sum element is the same sequence of operations as key by key.
+      for (int64_t t = 0; t < Tq; ++t) {
+        const T* kp[SPAN];
+        const T* vp[SPAN];
+        int64_t nv = 0;
+        for (int64_t s = s0; s < s1; ++s)
+          if (visible[t * E + s]) {
+            kp[nv] = keys + s * D;
+            vp[nv++] = values + s * D;
+          }
+        for (int64_t u = t * g; u < (t + 1) * g; ++u) {
+          const float* qu = qg + u * D;
+          float* score = scores.data() + u * SPAN;  // score[c]: the c-th key it sees
+          int64_t c = 0;
+          for (; c + 4 <= nv; c += 4) dots<4>(qu, kp + c, D, score + c);
+          for (; c < nv; ++c) dots<1>(qu, kp + c, D, score + c);
+          float top = -INFINITY;
+          for (c = 0; c < nv; ++c) {
+            float x = score[c] * sc;
             if (cap > 0.f) x = std::tanh(x / cap) * cap;  // Gemma 2's attention soft-cap, before the mask
-            scores[u * SPAN + s - s0] = x;
-            out[u * P + D] = std::max(out[u * P + D], x);
+            score[c] = x;
+            top = std::max(top, x);
           }
-        }
-      for (int64_t s = s0; s < s1; ++s)
-        for (int64_t t = 0; t < Tq; ++t) {
-          if (!visible[t * E + s]) continue;
-          for (int64_t u = t * g; u < (t + 1) * g; ++u) {
-            const float p = std::exp(scores[u * SPAN + s - s0] - out[u * P + D]);
-            out[u * P + D + 1] += p;
-            axpy(p, values + s * D, out + u * P, D);
+          float sum = 0.f;
+          for (c = 0; c < nv; ++c) {
+            score[c] = std::exp(score[c] - top);
+            sum += score[c];
           }
+          axpys(score, vp, nv, out + u * P, D);
+          out[u * P + D] = top;
+          out[u * P + D + 1] = sum;
         }
+      }
     }
   });
   auto result = at::empty({N, H * D}, q.options());
