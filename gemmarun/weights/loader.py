@@ -82,9 +82,10 @@ def build_model(
     missing = sorted(set(expected) - set(state) - set(packed))
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    for name, p in packed.items():
-        install(model, name, p)
-    model.load_state_dict(state, strict=not packed, assign=True)
+    strict = not packed
+    while packed:  # each original dropped once installed: in_huge_pages copies it
+        install(model, *packed.popitem())
+    model.load_state_dict(state, strict=strict, assign=True)
     model.eval()
     return model
 
