@@ -7,48 +7,52 @@ import os
 import pytest
 import torch
 
+import gemmarun
 from gemmarun.quant import hugepages
-from gemmarun.quant.hugepages import HUGE, in_huge_pages
-from gemmarun.quant.modules import QuantLinear
-from gemmarun.quant.schemes import quantize_weight
+from gemmarun.quant.hugepages import ALIGN, HUGE, Arena
+from gemmarun.quant.modules import _QuantWeight
 
 needs_thp = pytest.mark.skipif(hugepages._madvise() is None, reason="no transparent huge pages to ask for here")
 
 
 def advised(t: torch.Tensor) -> bool:
-    """Whether the mapping holding t's first whole 2 MiB page is advised for huge pages (VmFlags hg)."""
-    page = t.data_ptr() + (-t.data_ptr() % HUGE)
+    """Whether the mapping holding t's first byte is advised for huge pages (smaps VmFlags hg)."""
     inside = False
     for line in open(f"/proc/{os.getpid()}/smaps"):
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= page < hi
+            inside = lo <= t.data_ptr() < hi
         elif inside and head == "VmFlags:":
             return "hg" in line.split()[1:]
     return False
 
 
 @needs_thp
-@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.float32])
-def test_copy_is_equal_and_advised(dtype):
-    t = (torch.randn(3 * HUGE // 2 + 17) * 50).to(dtype).view(-1, 1)  # 3 to 12 MB, not a whole number of pages
-    out = in_huge_pages(t)
-    assert out is not t and out.dtype == t.dtype and out.shape == t.shape and out.is_contiguous()
-    assert torch.equal(out, t)
-    assert out.data_ptr() % HUGE == 0 and advised(out)
+def test_tensors_share_advised_chunks_and_keep_their_values():
+    arena = Arena(chunk=4 * HUGE)
+    gen = torch.Generator().manual_seed(0)
+    sizes = ((300_003, torch.int8), (90_000, torch.float16), (150_000, torch.float32), (5 * HUGE + 2, torch.int8))
+    tensors = [(torch.randn(n, generator=gen) * 50).to(dtype).view(-1, 3) for n, dtype in sizes]
+    placed = [arena.place(t) for t in tensors]
+    for t, p in zip(tensors, placed):
+        assert p is not t and p.dtype == t.dtype and p.shape == t.shape and p.is_contiguous() and torch.equal(p, t)
+        assert p.data_ptr() % ALIGN == 0 and arena.holds(p) and advised(p)
+    assert placed[1].untyped_storage().data_ptr() == placed[0].untyped_storage().data_ptr()  # one chunk for the small ones
+    assert placed[3].untyped_storage().data_ptr() != placed[0].untyped_storage().data_ptr()  # larger than a chunk: its own
+    assert arena.place(placed[0]) is placed[0]  # already there
 
 
-def test_small_or_strided_tensors_stay():
-    small = torch.zeros(HUGE // 2, dtype=torch.uint8)
-    strided = torch.zeros(HUGE, 2, dtype=torch.uint8)[:, 0]
-    assert in_huge_pages(small) is small and in_huge_pages(strided) is strided and in_huge_pages(None) is None
+def test_what_cannot_move_stays():
+    arena = Arena()
+    strided = torch.zeros(64, 2)[:, 0]
+    assert arena.place(strided) is strided and arena.place(None) is None
+    assert arena.empty((3, 5), dtype=torch.float16).shape == (3, 5)
 
 
 @needs_thp
-def test_packed_layers_hold_their_matrix_in_huge_pages():
-    w = torch.randn(2048, 1536)  # 3 MB of int8
-    layer = QuantLinear(quantize_weight(w, "int8", 32))
-    assert advised(layer.qweight)
-    x = torch.randn(3, 1536)
-    assert torch.equal(layer(x), QuantLinear(quantize_weight(w, "int8", 32))(x))  # same bits wherever it lies
+def test_the_default_model_streams_from_huge_pages():
+    lm = gemmarun.load()
+    layers = [m for m in lm.model.modules() if isinstance(m, _QuantWeight)]
+    assert layers and all(advised(t) for m in layers for t in (m.qweight, m.scales, m.mins) if t is not None)
+    assert lm.generate("The capital of France is", max_new_tokens=4).text.strip()

@@ -21,6 +21,7 @@ from gemmarun.quant import (
     Packed,
     QuantLinear,
     dequantize,
+    hugepages,
     linears,
     matmul,
     pack_nibbles,
@@ -33,6 +34,7 @@ from gemmarun.quant import (
     unpack_q6,
 )
 from gemmarun.quant.calibrate import importance
+from gemmarun.quant.hugepages import Arena
 from gemmarun.tools.bench import _current_layout, _llama_quantize
 from gemmarun.weights.gguf import GGUFTensor
 from gemmarun.weights.gguf.relay import repack
@@ -158,6 +160,13 @@ def test_gguf_blocks_stay_packed_and_exact(qt):
     assert _within_rounding(matmul(x, p), x, expected)
     if qt in (QT.Q8_0, QT.Q4_0, QT.Q4_1):  # no larger than the file's own blocks, up to scale width
         assert p.nbytes() <= t.data.numel()
+    # Re-laid into a loader's arena: the same fields, every one in it
+    arena = Arena(chunk=1 << 20)
+    placed = repack(t, arena.empty)
+    for field in ("q", "scales", "mins"):
+        a, b = getattr(p, field), getattr(placed, field)
+        assert (a is None and b is None) or (torch.equal(a, b) and a.dtype == b.dtype and b.is_contiguous())
+        assert b is None or hugepages._madvise() is None or arena.holds(b)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 600])

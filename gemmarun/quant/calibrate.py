@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import InvalidParameterError
 from ..generation import core
 from . import install, is_quantizable, quantize_weight, scheme_for
+from .hugepages import Arena, release_heap
 
 DEFAULT_TOKENS = 2048
 
@@ -67,6 +68,9 @@ def importance(lm, text: str | None = None, tokens: int = DEFAULT_TOKENS) -> dic
 
 def quantize_model(model: nn.Module, scheme: str, group: int, importances: dict[str, torch.Tensor] | None = None) -> None:
     """Replace every dense matrix of a loaded model by its quantised form, one at a time."""
+    arena = Arena()  # each step streams the packed weights: huge pages (quant/hugepages.py)
     for name, p in list(model.named_parameters()):
         if is_quantizable(name):
-            install(model, name, quantize_weight(p.detach(), scheme_for(name, scheme), group, (importances or {}).get(name)))
+            packed = quantize_weight(p.detach(), scheme_for(name, scheme), group, (importances or {}).get(name))
+            install(model, name, arena.packed(packed))
+    release_heap()

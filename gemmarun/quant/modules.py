@@ -10,7 +10,6 @@ from torch import nn
 from ..kernels import qlinear_kernel
 from . import gemm, prefill
 from .format import Packed, dequantize, kernel_fits
-from .hugepages import in_huge_pages
 
 # The kernel takes up to this many rows (a whole default prefill chunk); past it a PyTorch path
 # runs. On a 9216x2304 matrix (2 threads, EPYC) the kernel reaches 75-110 GFLOP/s from 4 rows up,
@@ -69,10 +68,9 @@ class _QuantWeight(nn.Module):
 
     def __init__(self, p: Packed):
         super().__init__()
-        # each step streams these whole: in huge pages, a TLB walk per 2 MiB instead of per 4 KiB
-        self.register_buffer("qweight", in_huge_pages(p.q))
-        self.register_buffer("scales", in_huge_pages(p.scales))
-        self.register_buffer("mins", in_huge_pages(p.mins))
+        self.register_buffer("qweight", p.q)
+        self.register_buffer("scales", p.scales)
+        self.register_buffer("mins", p.mins)
         self.group, self.zero, self.bits = p.group, p.zero, p.bits
         self.fits = kernel_fits(p)
         self._args = None

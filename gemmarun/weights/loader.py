@@ -14,6 +14,7 @@ from ..errors import CheckpointError, ConfigError, ModelNotFoundError
 from ..model.config import GemmaConfig
 from ..model.gemma import Gemma
 from ..quant import Packed, install
+from ..quant.hugepages import Arena, release_heap
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -43,12 +44,15 @@ def build_model(
     source: str,
     quantize: str | None = None,
     group_size: int = 32,
+    arena: Arena | None = None,
 ) -> Gemma:
     """Build on the meta device and assign the checkpoint's tensors: strict, and no second copy.
 
     Matrices arrive dense (quantised here when `quantize` names a scheme, one at a time, so peak
     memory stays near the quantised size) or already packed (GGUF blocks, saved quantised checkpoints).
+    Packed ones are placed in `arena` (huge pages; a new one by default) unless they lie there already.
     """
+    arena = arena or Arena()
     if not config.tie_word_embeddings:
         raise ConfigError(f"{source}: an untied LM head is not a Gemma layout (tie_word_embeddings is false)")
     if quantize:  # the schemes load only when a load quantises (see gemmarun.quant)
@@ -72,9 +76,9 @@ def build_model(
         if "norm" in name and not isinstance(t, Packed) and not torch.isfinite(t).all():  # small: checked whole
             raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values; the checkpoint is corrupt")
         if isinstance(t, Packed):
-            packed[name] = t
+            packed[name] = arena.packed(t)
         elif quantize and is_quantizable(name):
-            packed[name] = quantize_weight(t, scheme_for(name, quantize), group_size)
+            packed[name] = arena.packed(quantize_weight(t, scheme_for(name, quantize), group_size))
         else:
             state[name] = t.to(device=device, dtype=dtype)
     if unexpected:
@@ -82,10 +86,9 @@ def build_model(
     missing = sorted(set(expected) - set(state) - set(packed))
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    strict = not packed
-    while packed:  # each original dropped once installed: in_huge_pages copies it
-        install(model, *packed.popitem())
-    model.load_state_dict(state, strict=strict, assign=True)
+    for name, p in packed.items():
+        install(model, name, p)
+    model.load_state_dict(state, strict=not packed, assign=True)
     model.eval()
     return model
 
@@ -121,11 +124,19 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, quanti
         from .gguf.relay import packer
 
         keep = quantize is None and device.type == "cpu"
-        config, state, metadata = load_gguf(path, dtype=dtype, packer=packer if keep else None)
-        model = build_model(config, state.items(), dtype, device, str(path), scheme, group_size)
+        arena = Arena()  # the blocks are re-laid straight into it: no second copy of a matrix
+
+        def relay(name, t):
+            return packer(name, t, arena.empty)
+
+        config, state, metadata = load_gguf(path, dtype=dtype, packer=relay if keep else None)
+        model = build_model(config, state.items(), dtype, device, str(path), scheme, group_size, arena)
+        del state
+        release_heap()
         return config, model, Tokenizer.from_gguf_fields(metadata)
     tokenizer = Tokenizer.from_dir(path) if (path / "config.json").exists() else None
     config, model = load_folder_weights(path, dtype, device, scheme, group_size, decode=quantize == "none")
+    release_heap()
     return config, model, tokenizer
 
 
