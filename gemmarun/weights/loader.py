@@ -50,7 +50,9 @@ def build_model(
 
     Matrices arrive dense (quantised here when `quantize` names a scheme, one at a time, so peak
     memory stays near the quantised size) or already packed (GGUF blocks, saved quantised checkpoints).
-    Packed ones are placed in `arena` (huge pages; a new one by default) unless they lie there already.
+    The ones quantised here are placed in `arena` (huge pages; a new one by default). Packed ones
+    arriving from a saved checkpoint keep their memory: mapped from the file, they cost no copy and
+    no resident memory until read (copied, a 2B int8 load read 5.3 GB resident against 0.5).
     """
     arena = arena or Arena()
     if not config.tie_word_embeddings:
@@ -75,8 +77,8 @@ def build_model(
             raise CheckpointError(f"{source}: tensor {name} is stored as {t.dtype}; Gemma's weights are floating point")
         if "norm" in name and not isinstance(t, Packed) and not torch.isfinite(t).all():  # small: checked whole
             raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values; the checkpoint is corrupt")
-        if isinstance(t, Packed):
-            packed[name] = arena.packed(t)
+        if isinstance(t, Packed):  # GGUF blocks come re-laid into the arena; a saved checkpoint's stay mapped from its file
+            packed[name] = t
         elif quantize and is_quantizable(name):
             packed[name] = arena.packed(quantize_weight(t, scheme_for(name, quantize), group_size))
         else:
