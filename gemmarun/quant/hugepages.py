@@ -56,12 +56,17 @@ class Arena:
         self._at = self._end = 0
         self._spans: list[tuple[int, int]] = []  # the address range of every chunk
 
+    @property
+    def advises(self) -> bool:
+        """Whether the system gives huge pages to ask for (else place and empty are PyTorch's own)."""
+        return _madvise() is not None
+
     def holds(self, t: torch.Tensor) -> bool:
         return any(lo <= t.data_ptr() < hi for lo, hi in self._spans)
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor in the arena (torch.empty's where the system gives no huge pages)."""
-        if _madvise() is None:
+        if not self.advises:
             return torch.empty(shape, dtype=dtype)
         n = math.prod(shape) * dtype.itemsize
         if n > self.chunk:
@@ -77,7 +82,7 @@ class Arena:
     def place(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """A copy of t in the arena; t itself where it lies here already, the system gives no huge
         pages, or t is not a contiguous CPU tensor."""
-        if t is None or _madvise() is None or t.device.type != "cpu" or not t.is_contiguous() or self.holds(t):
+        if t is None or not self.advises or t.device.type != "cpu" or not t.is_contiguous() or self.holds(t):
             return t
         return self.empty(t.shape, dtype=t.dtype).copy_(t)
 
@@ -97,7 +102,7 @@ class Arena:
 def release_heap() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim). The tensors a loader
     copied into an arena were freed to the heap, which glibc keeps resident otherwise: the
-    default model read 720 MB resident after loading, 575 MB after this."""
+    default model read 612 MB resident after loading without this, 590 MB with it."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -127,10 +128,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, quanti
 
         keep = quantize is None and device.type == "cpu"
         arena = Arena()  # the blocks are re-laid straight into it: no second copy of a matrix
-
-        def relay(name, t):
-            return packer(name, t, arena.empty)
-
+        relay = partial(packer, empty=arena.empty) if arena.advises else packer
         config, state, metadata = load_gguf(path, dtype=dtype, packer=relay if keep else None)
         model = build_model(config, state.items(), dtype, device, str(path), scheme, group_size, arena)
         del state

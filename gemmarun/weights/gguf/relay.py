@@ -25,17 +25,18 @@ def _blocks(t: GGUFTensor) -> torch.Tensor:
 
 
 def _into(x: torch.Tensor, empty) -> torch.Tensor:
-    """x copied into a tensor from `empty` (a loader's arena: quant/hugepages.py)."""
-    return empty(x.shape, dtype=x.dtype).copy_(x)
+    """x contiguous, copied into a tensor from `empty` (a loader's arena: quant/hugepages.py) when given."""
+    return x.contiguous() if empty is None else empty(x.shape, dtype=x.dtype).copy_(x)
 
 
 def _half(b: torch.Tensor, at: int, n: int, empty) -> torch.Tensor:  # fp16 field -> (N, blocks) float16
     return _into(b.view(torch.float16)[:, at // 2], empty).view(n, -1)
 
 
-def repack(t: GGUFTensor, empty=torch.empty) -> Packed | None:
-    """t's blocks re-laid, each field written once into a tensor from `empty(shape, dtype)`; None for
-    a type without a mapping."""
+def repack(t: GGUFTensor, empty=None) -> Packed | None:
+    """t's blocks re-laid, each field written once into a tensor from `empty(shape, dtype=...)` when
+    given (else where the relay computes it: no copy more than before arenas); None for a type
+    without a mapping."""
     qt = QT(t.ggml_type)
     n, k = t.shape
     b = _blocks(t) if qt in _REPACKERS else None
@@ -98,6 +99,6 @@ _REPACKERS = {QT.Q8_0: _q8_0, QT.Q4_0: _q4_0, QT.Q4_1: _q4_1, QT.Q5_0: _q5_0, QT
               QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k}  # fmt: skip
 
 
-def packer(name: str, t: GGUFTensor, empty=torch.empty) -> Packed | None:
-    """load_gguf's hook: keep matrices packed (in tensors from `empty`), decode everything else."""
+def packer(name: str, t: GGUFTensor, empty=None) -> Packed | None:
+    """load_gguf's hook: keep matrices packed (in tensors from `empty`, see repack), decode everything else."""
     return repack(t, empty) if is_quantizable(name) and len(t.shape) == 2 else None
