@@ -6,11 +6,15 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import gemmarun
-from gemmarun.quant import hugepages
+from gemmarun.quant import hugepages, save_quantized
+from gemmarun.quant.format import q6_from_canonical
 from gemmarun.quant.hugepages import ALIGN, HUGE, Arena
 from gemmarun.quant.modules import _QuantWeight
+
+from checkpoints import make_reference, save_checkpoint
 
 needs_thp = pytest.mark.skipif(hugepages._madvise() is None, reason="no transparent huge pages to ask for here")
 
@@ -56,3 +60,30 @@ def test_the_default_model_streams_from_huge_pages():
     layers = [m for m in lm.model.modules() if isinstance(m, _QuantWeight)]
     assert layers and all(advised(t) for m in layers for t in (m.qweight, m.scales, m.mins) if t is not None)
     assert lm.generate("The capital of France is", max_new_tokens=4).text.strip()
+
+
+@needs_thp
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_saved_checkpoint_is_read_into_huge_pages(tmp_path, monkeypatch, scheme):
+    """Every packed field of a `gemmarun quantize` checkpoint is read (not mapped) into the arena,
+    keeping the stored values; int4's 6-bit embedding arrives re-laid to the kernels' order."""
+    folder = save_checkpoint(make_reference("gemma2", seed=5, vocab_size=601), tmp_path / "src")
+    saved = save_quantized(gemmarun.load(folder, quantize=scheme), tmp_path / scheme)
+    lm = gemmarun.load(saved)
+    layers = {n: m for n, m in lm.model.named_modules() if isinstance(m, _QuantWeight)}
+    assert layers and any(m.bits == 6 for m in layers.values()) == (scheme == "int4")
+    with safe_open(str(saved / "model.safetensors"), framework="pt") as f:
+        for name, m in layers.items():
+            for leaf in ("qweight", "scales", "mins"):
+                t = getattr(m, leaf)
+                if t is None:
+                    continue
+                stored = f.get_tensor(f"{name}.{leaf}")
+                if leaf == "qweight" and m.bits == 6:
+                    stored = q6_from_canonical(stored)
+                assert torch.equal(t, stored) and t.data_ptr() % ALIGN == 0 and advised(t), (name, leaf)
+    ids = lm.generate("a b c", max_new_tokens=6).token_ids
+    monkeypatch.setattr(Arena, "advises", property(lambda self: False))  # the mapped load of systems without THP
+    mapped = gemmarun.load(saved)
+    assert not any(advised(m.qweight) for m in mapped.model.modules() if isinstance(m, _QuantWeight))
+    assert mapped.generate("a b c", max_new_tokens=6).token_ids == ids

@@ -8,7 +8,8 @@ in `madvise` mode, where memory gets huge pages only when madvise(MADV_HUGEPAGE)
 A model's packed tensors are laid one after another in an Arena: chunks whose 2 MiB pages are
 advised before anything touches them, so the 270M's ~250 matrices and scales of 0.3-2.6 MB share
 huge pages too. A chunk's untouched tail never becomes resident; a tensor larger than a chunk gets
-a chunk of its own.
+a chunk of its own. Loaders write into it directly: the GGUF relay re-lays blocks into Arena.empty,
+the safetensors reader reads a saved checkpoint's fields into it (weights/safetensors.py).
 """
 
 from __future__ import annotations

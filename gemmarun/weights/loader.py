@@ -51,9 +51,8 @@ def build_model(
 
     Matrices arrive dense (quantised here when `quantize` names a scheme, one at a time, so peak
     memory stays near the quantised size) or already packed (GGUF blocks, saved quantised checkpoints).
-    The ones quantised here are placed in `arena` (huge pages; a new one by default). Packed ones
-    arriving from a saved checkpoint keep their memory: mapped from the file, they cost no copy and
-    no resident memory until read (copied, a 2B int8 load read 5.3 GB resident against 0.5).
+    Every packed matrix ends in `arena` (huge pages; a new one by default): the loaders read or re-lay
+    most straight into it, and place() copies the rest (matrices quantised here, 6-bit codes re-laid).
     """
     arena = arena or Arena()
     if not config.tie_word_embeddings:
@@ -78,8 +77,8 @@ def build_model(
             raise CheckpointError(f"{source}: tensor {name} is stored as {t.dtype}; Gemma's weights are floating point")
         if "norm" in name and not isinstance(t, Packed) and not torch.isfinite(t).all():  # small: checked whole
             raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values; the checkpoint is corrupt")
-        if isinstance(t, Packed):  # GGUF blocks come re-laid into the arena; a saved checkpoint's stay mapped from its file
-            packed[name] = t
+        if isinstance(t, Packed):  # GGUF blocks and saved fields mostly arrive in the arena already
+            packed[name] = arena.packed(t)
         elif quantize and is_quantizable(name):
             packed[name] = arena.packed(quantize_weight(t, scheme_for(name, quantize), group_size))
         else:
@@ -156,17 +155,32 @@ def load_folder_weights(
 
     config = GemmaConfig.from_json_file(path / "config.json")
     files = shard_files(path)
-    tensors = iter_tensors(files)
     schemes = read_metadata(files[0]).get(METADATA_KEY)
     if schemes:  # a checkpoint written by `gemmarun quantize`
         try:
             schemes = json.loads(schemes)
         except json.JSONDecodeError:
             raise CheckpointError(f"{files[0]}: malformed {METADATA_KEY} metadata; re-run gemmarun quantize") from None
+        if not isinstance(schemes, dict):
+            raise CheckpointError(f"{files[0]}: {METADATA_KEY} metadata is not a table of schemes; re-run gemmarun quantize")
+    arena = Arena()
+    empty_for = partial(_packed_field_memory, schemes, arena) if schemes and not decode and arena.advises else None
+    tensors = iter_tensors(files, empty_for)
+    if schemes:
         tensors = regroup(tensors, schemes)
         if decode:
             tensors = ((n, dequantize(t) if isinstance(t, Packed) else t) for n, t in tensors)
-    return config, build_model(config, tensors, dtype, device, str(path), quantize, group_size)
+    return config, build_model(config, tensors, dtype, device, str(path), quantize, group_size, arena)
+
+
+def _packed_field_memory(schemes: dict, arena: Arena, name: str):
+    """Where a saved checkpoint's tensor is read to: a packed field into the arena, except a 6-bit
+    qweight, which regroup re-lays into new memory (build_model places that copy); None: mapped."""
+    module, _, leaf = name.rpartition(".")
+    scheme = schemes.get(module)
+    if not isinstance(scheme, dict):
+        return None
+    return torch.empty if leaf == "qweight" and scheme.get("bits") == 6 else arena.empty
 
 
 def warn_dtype(config: GemmaConfig, dtype: torch.dtype) -> None:

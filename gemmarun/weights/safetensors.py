@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from ..errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+Empty = Callable[..., torch.Tensor]  # (shape, dtype=) -> an uninitialised tensor, as torch.empty
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -36,20 +37,54 @@ def shard_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has no model.safetensors or {INDEX}; gemmarun loads safetensors checkpoints or .gguf files")
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs, memory-mapped: nothing is read until the tensor is used."""
+def iter_tensors(files: list[Path], empty_for: Callable[[str], Empty | None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs, memory-mapped: nothing is read until the tensor is used.
+
+    A tensor whose name empty_for gives an allocator (shape, dtype) -> tensor is read from the file
+    into the tensor it makes instead (a loader's huge-page arena), so no page of the mapping is
+    touched for it: copied out of the mapping, a 2B int8 load held 5.3 GB resident, mapping and copy.
+    """
     for path in files:
-        _check_size(path)
+        start, header = _header(path)
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f, open(path, "rb", buffering=0) as raw:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    empty = empty_for(name) if empty_for else None
+                    entry = header.get(name)
+                    if empty is None or not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+                        yield name, f.get_tensor(name)
+                    else:
+                        yield name, _read(raw, path, name, start, entry, empty)
         except SafetensorError as e:
             raise CheckpointError(f"{path} is not a valid safetensors file ({e}); re-download it") from None
 
 
-def _check_size(path: Path) -> None:
-    """Catch a truncated download before torch maps past the end of the file."""
+# One read() at a time: 1 GiB into untouched huge pages read in 2.0 s at once, 0.33 s in 32 MiB
+# pieces (AMD EPYC, THP defrag `madvise`); and one read() returns at most ~2 GiB on Linux.
+READ = 32 << 20
+
+# safetensors' dtype names of the tensors a reader may read into its own memory (the packed fields)
+DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+          "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}  # fmt: skip
+
+
+def _read(raw, path: Path, name: str, start: int, entry: dict, empty: Empty) -> torch.Tensor:
+    """One tensor read from the file into empty(shape, dtype=); safe_open checked its entry already."""
+    t = empty(tuple(entry["shape"]), dtype=DTYPES[entry["dtype"]])
+    view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    raw.seek(start + entry["data_offsets"][0])
+    at = 0
+    while at < len(view):
+        got = raw.readinto(view[at : at + READ])
+        if not got:  # the file shrank since _header looked
+            raise CheckpointError(f"{path} ended inside tensor {name}; re-download it")
+        at += got
+    return t
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(where the tensor data starts, the header), checked: a truncated download is caught before torch
+    maps past the end of the file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -68,10 +103,11 @@ def _check_size(path: Path) -> None:
         raise CheckpointError(f"{path} has a corrupt header (not a safetensors tensor table); re-download it") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; re-download it")
+    return 8 + n, header
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    _check_size(path)
+    _header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
