@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 import gemmarun
+from gemmarun.errors import ConfigError
 from gemmarun.quant import hugepages, save_quantized
 from gemmarun.quant.format import q6_from_canonical
 from gemmarun.quant.hugepages import ALIGN, HUGE, Arena
@@ -87,3 +88,20 @@ def test_a_saved_checkpoint_is_read_into_huge_pages(tmp_path, monkeypatch, schem
     mapped = gemmarun.load(saved)
     assert not any(advised(m.qweight) for m in mapped.model.modules() if isinstance(m, _QuantWeight))
     assert mapped.generate("a b c", max_new_tokens=6).token_ids == ids
+
+
+def test_huge_pages_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("GEMMARUN_HUGEPAGES", "0")
+    hugepages._madvise.cache_clear()
+    try:
+        arena = Arena()
+        assert not arena.advises
+        t = torch.ones(4)
+        assert arena.place(t) is t  # ordinary memory: nothing moves
+        monkeypatch.setenv("GEMMARUN_HUGEPAGES", "yes")
+        hugepages._madvise.cache_clear()
+        with pytest.raises(ConfigError, match="GEMMARUN_HUGEPAGES='yes'"):
+            hugepages._madvise()
+    finally:
+        monkeypatch.delenv("GEMMARUN_HUGEPAGES")
+        hugepages._madvise.cache_clear()

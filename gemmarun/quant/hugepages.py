@@ -10,18 +10,22 @@ advised before anything touches them, so the 270M's ~250 matrices and scales of 
 huge pages too. A chunk's untouched tail never becomes resident; a tensor larger than a chunk gets
 a chunk of its own. Loaders write into it directly: the GGUF relay re-lays blocks into Arena.empty,
 the safetensors reader reads a saved checkpoint's fields into it (weights/safetensors.py).
+The price is at load (a 2B int8 checkpoint loads ~3-5 s slower: docs/PERFORMANCE.md);
+GEMMARUN_HUGEPAGES=0 keeps ordinary memory, and a saved checkpoint's fields mapped from its file.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import os
 import sys
 from functools import cache
 from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError
 from .format import Packed
 
 HUGE = 2 << 20  # x86-64 and AArch64 (4 KiB granule) transparent huge page size
@@ -33,8 +37,12 @@ ALIGN = 64  # each tensor starts on a cache line, as PyTorch's allocator places 
 
 @cache
 def _madvise():
-    """libc's madvise where transparent huge pages can be asked for (Linux, THP not `never`); else None."""
-    if not sys.platform.startswith("linux"):
+    """libc's madvise where transparent huge pages can be asked for (Linux, THP not `never`, not
+    turned off by GEMMARUN_HUGEPAGES=0); else None."""
+    wanted = os.environ.get("GEMMARUN_HUGEPAGES", "1").strip()
+    if wanted not in ("0", "1"):
+        raise ConfigError(f"GEMMARUN_HUGEPAGES={wanted!r}: use 1 (packed weights in huge pages, the default) or 0 (ordinary memory)")
+    if wanted == "0" or not sys.platform.startswith("linux"):
         return None
     try:
         mode = THP_MODE.read_text()
