@@ -19,6 +19,7 @@ import pytest
 from gemmarun import cli
 from gemmarun.cli import parser as cli_parser  # the parser binds each command function when built
 from gemmarun.errors import CheckpointError
+from gemmarun.quant import hugepages
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,18 @@ def test_user_mistakes_are_one_line_and_non_zero(folder, capsys, argv, message):
     code, err = _main(capsys, *argv)
     assert code != 0
     assert message in _one_error_line(err)
+
+
+def test_a_bad_hugepages_switch_is_one_line(folder, capsys, monkeypatch):
+    """GEMMARUN_HUGEPAGES is checked at every load, a dense checkpoint's included."""
+    monkeypatch.setenv("GEMMARUN_HUGEPAGES", "yes")
+    hugepages._madvise.cache_clear()
+    try:
+        code, err = _main(capsys, "generate", "-m", str(folder), "-n", "2", "hi")
+    finally:
+        monkeypatch.delenv("GEMMARUN_HUGEPAGES")
+        hugepages._madvise.cache_clear()
+    assert code != 0 and "GEMMARUN_HUGEPAGES='yes'" in _one_error_line(err)
 
 
 def test_invalid_utf8_on_stdin_and_a_closed_stdin(folder, capsys, monkeypatch):

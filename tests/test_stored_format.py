@@ -132,3 +132,11 @@ def test_newer_layout_version_is_a_one_line_error(saved, tmp_path):
     with pytest.raises(gemmarun.CheckpointError, match="layout version 3; this gemmarun reads versions 1 and 2") as e:
         gemmarun.load(folder)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("schemes", [["int8"], {"model.embed_tokens": "int4"}])
+def test_scheme_metadata_that_is_not_a_table_is_a_one_line_error(saved, tmp_path, schemes):
+    folder = _rewrite(saved, tmp_path / "bad", schemes=schemes)
+    with pytest.raises(gemmarun.CheckpointError, match="metadata is not a table of schemes") as e:
+        gemmarun.load(folder)
+    assert "\n" not in str(e.value)

@@ -61,6 +61,7 @@ class Arena:
 
     def __init__(self, chunk: int = CHUNK):
         self.chunk = chunk
+        self._madvise = _madvise()  # read (and GEMMARUN_HUGEPAGES checked) at every load, whatever it loads
         self._buf: torch.Tensor | None = None
         self._at = self._end = 0
         self._spans: list[tuple[int, int]] = []  # the address range of every chunk
@@ -68,7 +69,7 @@ class Arena:
     @property
     def advises(self) -> bool:
         """Whether the system gives huge pages to ask for (else place and empty are PyTorch's own)."""
-        return _madvise() is not None
+        return self._madvise is not None
 
     def holds(self, t: torch.Tensor) -> bool:
         return any(lo <= t.data_ptr() < hi for lo, hi in self._spans)
@@ -103,7 +104,7 @@ class Arena:
         """An untouched buffer with n bytes from a 2 MiB boundary on, advised for huge pages; and that boundary's offset."""
         buf = torch.empty(n + HUGE, dtype=torch.uint8)  # empty() touches no page: none is resident yet
         start = -buf.data_ptr() % HUGE
-        _madvise()(buf.data_ptr() + start, n // HUGE * HUGE, MADV_HUGEPAGE)  # refused: small pages, as without it
+        self._madvise(buf.data_ptr() + start, n // HUGE * HUGE, MADV_HUGEPAGE)  # refused: small pages, as without it
         self._spans.append((buf.data_ptr(), buf.data_ptr() + buf.numel()))
         return buf, start
 

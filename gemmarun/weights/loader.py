@@ -161,7 +161,7 @@ def load_folder_weights(
             schemes = json.loads(schemes)
         except json.JSONDecodeError:
             raise CheckpointError(f"{files[0]}: malformed {METADATA_KEY} metadata; re-run gemmarun quantize") from None
-        if not isinstance(schemes, dict):
+        if not isinstance(schemes, dict) or not all(isinstance(s, dict) for s in schemes.values()):
             raise CheckpointError(f"{files[0]}: {METADATA_KEY} metadata is not a table of schemes; re-run gemmarun quantize")
     arena = Arena()
     empty_for = partial(_packed_field_memory, schemes, arena) if schemes and not decode and arena.advises else None
@@ -178,7 +178,7 @@ def _packed_field_memory(schemes: dict, arena: Arena, name: str):
     qweight, which regroup re-lays into new memory (build_model places that copy); None: mapped."""
     module, _, leaf = name.rpartition(".")
     scheme = schemes.get(module)
-    if not isinstance(scheme, dict):
+    if scheme is None:  # a dense tensor (a norm)
         return None
     return torch.empty if leaf == "qweight" and scheme.get("bits") == 6 else arena.empty
 

@@ -50,8 +50,8 @@ def iter_tensors(files: list[Path], empty_for: Callable[[str], Empty | None] | N
             with safe_open(str(path), framework="pt") as f, open(path, "rb", buffering=0) as raw:
                 for name in f.keys():
                     empty = empty_for(name) if empty_for else None
-                    entry = header.get(name)
-                    if empty is None or not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+                    entry = header[name]  # safe_open read the same table, and checked it
+                    if empty is None or entry["dtype"] not in DTYPES:
                         yield name, f.get_tensor(name)
                     else:
                         yield name, _read(raw, path, name, start, entry, empty)
