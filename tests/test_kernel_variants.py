@@ -1,5 +1,5 @@
 """Every kernel variant this CPU runs equals the generic (scalar C++) one within its stated bound:
-each packed format qlinear takes, decode attention over float32 / float16 / bfloat16 caches,
+each packed format qlinear takes, dense float32 / bfloat16 products, decode attention over float32 / float16 / bfloat16 caches,
 rms_norm, geglu, the int4 search and the decode stack, odd shapes and tails included. Variants the
 CPU cannot run are skipped with the reason (tests/test_kernel_native.py still compiles them)."""
 
@@ -101,6 +101,17 @@ def test_qlinear_equals_generic(generic, variant, scheme):
             # and both are the matrix's product, up to the int16 rounding of the activations
             exact = x.double() @ dequantize(p).double().T
             assert ((b.double() - exact).abs() <= x.abs().amax().item() / 32767 * (dequantize(p).abs().sum(1)) + bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m, n, k", [(1, 262, 640), (5, 37, 100), (15, 9, 2304), (3, 3, 17)])
+def test_dense_linear_equals_generic(generic, variant, dtype, m, n, k):
+    g = torch.Generator().manual_seed(n * k)
+    x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
+    want, got = generic.dense_linear(x, w).double(), variant.dense_linear(x, w).double()
+    mag = x.double().abs() @ w.double().abs().T
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24  # the result's one rounding to x's dtype
+    assert ((got - want).abs() <= 1e-6 * mag + 2 * rounding * want.abs()).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

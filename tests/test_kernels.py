@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gemmarun import kernels
 from gemmarun.errors import ConfigError
-from gemmarun.kernels import attention_kernel, geglu_kernel, int4_search_kernel, rms_norm_kernel
+from gemmarun.kernels import attention_kernel, dense_linear_kernel, geglu_kernel, int4_search_kernel, rms_norm_kernel
 from gemmarun.model.gemma import apply_rope
 from gemmarun.quant import int4_search
 
@@ -33,6 +33,34 @@ def test_rms_norm_with_residual():
     ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w.double())
     assert (rms_norm_kernel()(x, w, 1e-6).double() - ref).abs().max().item() < 1e-5
     assert (rms_norm_kernel()(x, w, 1e-6, r).double() - (ref + r.double())).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [16, 100, 640, 2304])  # 100: a tail past the 16-value blocks
+def test_dense_linear_matches_float64_and_gives_a_row_its_bits_in_any_batch(dtype, k):
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(37, k, generator=g).to(dtype)  # 37 rows: a tile of 4 and single rows at each thread's end
+    x = torch.randn(2, 7, k, generator=g).to(dtype)
+    got = dense_linear_kernel()(x, w)
+    assert got.dtype == dtype and got.shape == (2, 7, 37)
+    xd, wd = x.double(), w.double()
+    ref, mag = xd @ wd.T, xd.abs() @ wd.abs().T
+    # float32 sums (relative error ~1e-7 a term), then one rounding of the result to x's dtype
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
+    assert ((got.double() - ref).abs() <= 1e-6 * mag + rounding * ref.abs() + 1e-30).all()
+    rows = x.reshape(14, k)
+    alone = torch.stack([dense_linear_kernel()(rows[i : i + 1], w)[0] for i in range(14)])
+    assert torch.equal(alone, got.reshape(14, 37))
+
+
+def test_dense_linear_refuses_what_it_cannot_take():
+    kernel = dense_linear_kernel()
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernel(torch.randn(1, 8), torch.randn(4, 8).half())
+    with pytest.raises(RuntimeError, match="share K"):
+        kernel(torch.randn(1, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernel(torch.randn(1, 8), torch.randn(8, 4).T)
 
 
 def _attention_float64(q, k, v, kc, vc, slots, mask, cos, sin, scale, softcap):

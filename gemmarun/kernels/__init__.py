@@ -1,4 +1,4 @@
-"""The C++ kernels (quantised matmul, decode attention, RMSNorm, GeGLU, int4 rounding search), one
+"""The C++ kernels (quantised and dense matmul, decode attention, RMSNorm, GeGLU, int4 rounding search), one
 build per CPU variant, compiled on first use and cached; None where unavailable.
 
 Variants (isa/*.h; the ISA-free code in src/ is shared): `generic` (scalar C++, any CPU, the
@@ -25,7 +25,8 @@ import torch
 from ..errors import ConfigError
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "src" / n for n in ("bindings.cpp", "qlinear.cpp", "attention.cpp", "elementwise.cpp", "decode.cpp", "quantize.cpp")]
+_SOURCE_NAMES = ("bindings.cpp", "qlinear.cpp", "dense.cpp", "attention.cpp", "elementwise.cpp", "decode.cpp", "quantize.cpp")
+SOURCES = [HERE / "src" / n for n in _SOURCE_NAMES]
 HEADERS = sorted((HERE / "src").glob("*.h")) + sorted((HERE / "isa").glob("*.h"))
 
 VARIANTS = ("avx512", "avx2", "neon", "generic")  # best first
@@ -205,6 +206,11 @@ def _entry(name: str):
 def qlinear_kernel():
     """qlinear(x, [q], [scales], [mins], [group], [zero], [bits]) -> [x @ W.T] (see src/qlinear.cpp), or None."""
     return _entry("qlinear")
+
+
+def dense_linear_kernel():
+    """dense_linear(x, w) -> x @ w.T for dense float32 or bfloat16 w, in x's dtype (see src/dense.cpp), or None."""
+    return _entry("dense_linear")
 
 
 def rms_norm_kernel():

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import attention_kernel, decode_stack_module, geglu_kernel, rms_norm_kernel
+from ..kernels import attention_kernel, decode_stack_module, dense_linear_kernel, geglu_kernel, rms_norm_kernel
 from ..quant.gemm import run_dense
+from ..quant.prefill import SMALL_ROWS
 from ..quant.prefill import path as prefill_path
 from .backend import FUSED_MAX_POSITIONS, TORCH_OPS, Backend
 from .cache import AttnPlan, KVCache, plan_without_cache
@@ -32,6 +33,22 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
+def dense_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for a dense weight. Under SMALL_ROWS rows on the CPU (decoding, small batches) the
+    kernel's matrix-vector products run: they stream float32 and bfloat16 weights faster than
+    PyTorch's, and give a row the same bits in any batch. More rows take PyTorch's GEMM: for
+    bfloat16 its own or float32 tiles, whichever quant/prefill.py timed faster on this CPU."""
+    if x.device.type != "cpu":
+        return F.linear(x, w)
+    rows = x.numel() // x.shape[-1]
+    kernel = dense_linear_kernel()  # None while torch.compile traces, or without kernels
+    if kernel is not None and rows < SMALL_ROWS and x.dtype == w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous():
+        return kernel(x, w)
+    if x.dtype == torch.bfloat16:
+        return run_dense(prefill_path("bf16", rows, False), x, w)
+    return F.linear(x, w)
+
+
 class Linear(nn.Linear):
     """nn.Linear without its random init: models are built on the meta device and every weight
     comes from a checkpoint, and the init's meta-tensor decompositions cost a second at load."""
@@ -40,10 +57,7 @@ class Linear(nn.Linear):
         pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            # bfloat16's own GEMM, or float32 tiles where this CPU has no native bf16 GEMM (quant/prefill.py times both)
-            return run_dense(prefill_path("bf16", x.numel() // x.shape[-1], False), x, self.weight)
-        return F.linear(x, self.weight)
+        return dense_linear(x, self.weight)
 
 
 class Rope:
@@ -162,7 +176,7 @@ class TiedEmbedding(nn.Embedding):
         pass  # as Linear: the weights come from a checkpoint
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return dense_linear(x, self.weight)
 
 
 class Backbone(nn.Module):

@@ -12,7 +12,8 @@ variant); later processes read them.
 Kinds of matrix: "q8" (8-bit codes), "q4" (4-bit, and 6-bit, which follows it: both unpack sub-byte
 codes in the kernel and cost alike to dequantise), "bf16" (dense bfloat16 weights with bfloat16
 activations). Under SMALL_ROWS rows (decoding, small batches) the small-batch path runs without any
-timing: the kernel for packed matrices, bfloat16's own GEMM for dense bf16. From SMALL_ROWS rows on
+timing: the kernel for packed matrices, bfloat16's own GEMM for dense bf16 (model/gemma.py's
+dense_linear runs the dense kernel there instead where the kernels are built). From SMALL_ROWS rows on
 the fastest candidate at LARGE_ROWS runs from the row count where it overtakes the small-batch path
 (interpolated between the two timed sizes).
 

@@ -266,6 +266,36 @@ void check_dot_axpy(const char* type, T (*make)(float)) {
   }
 }
 
+// Dense weight rows: x stored by dense_order, then dense_dots against Generic's plain dot, and each
+// of four rows with the bits it gets alone (a dense decode row must not depend on its batch).
+template <typename T>
+void check_dense(const char* type, T (*make)(float)) {
+  Check c(std::string("dense_dots over ") + type + " against generic");
+  Check e(std::string("dense_dots over ") + type + ": 4 rows equal 1");
+  for (int64_t n : {1, 7, 15, 16, 17, 31, 32, 48, 64, 100, 640, 2304}) {
+    const std::vector<float> a = randn(n);
+    std::vector<std::vector<T>> rows(4, std::vector<T>(n));
+    std::vector<const T*> ptr;
+    for (auto& row : rows) {
+      const std::vector<float> v = randn(n);
+      for (int64_t i = 0; i < n; ++i) row[i] = make(v[i]);
+      ptr.push_back(row.data());
+    }
+    std::vector<float> xp(n);
+    V::template dense_order<T>(a.data(), n, xp.data());
+    float four[4];
+    V::template dense_dots<4>(xp.data(), ptr.data(), n, four);
+    for (int j = 0; j < 4; ++j) {
+      double mag = 0;
+      for (int64_t i = 0; i < n; ++i) mag += std::fabs(a[i] * to_float(rows[j][i]));
+      c(std::fabs(double(four[j]) - G::dot(a.data(), ptr[j], n)), 1e-6 * mag + 1e-30);
+      float one;
+      V::template dense_dots<1>(xp.data(), ptr.data() + j, n, &one);
+      e(one == four[j] ? 0.0 : 1.0, 0.0);
+    }
+  }
+}
+
 void check_half_conversion() {
   // Every binary16 pattern widened by the layer (axpy of 1 onto 0) against Generic's bit arithmetic.
   Check c("float16 widening, all 65536 values");
@@ -359,6 +389,8 @@ int main() {
   check_dot_axpy<float>("float32", [](float f) { return f; });
   check_dot_axpy<half>("float16", [](float) { return half{static_cast<uint16_t>(random_half().x | (randint(0, 1) << 15))}; });
   check_dot_axpy<bfloat16>("bfloat16", to_bf16);
+  check_dense<float>("float32", [](float f) { return f; });
+  check_dense<bfloat16>("bfloat16", to_bf16);
   check_half_conversion();
   check_elementwise();
   check_search();

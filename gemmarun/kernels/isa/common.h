@@ -21,6 +21,10 @@
 //   dot(a, b, n), axpy(a, x, y, n)       float32 a, y against float32 / half / bfloat16 b, x
 //   dots<Q>(a, b, n, out)     out[j] = dot(a, b[j], n) for j < Q, with dot's bits
 //   axpys(p, x, m, y, n)      axpy(p[s], x[s], y, n) for s = 0 .. m - 1, with their bits
+//   dense_order<T>(x, n, xp)  float32 x in the order dense_dots<Q, T> reads it (a copy, or a
+//                             permutation that spares a shuffle per weight row)
+//   dense_dots<Q, T>(xp, b, n, out)  out[j] = x . b[j] for Q dense float32 or bfloat16 weight
+//                             rows, each with the bits it gets alone (Q = 1)
 //   sum_squares(x, n), norm_row(x, inv, w, res, out, n): out = [res +] x * inv * (1 + w)
 //   geglu_row(gate, up, out, n): gelu_tanh(gate) * up
 //   group_stats / round_levels / weighted_error: the int4 search's passes over one group
@@ -32,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace gemmarun_isa {
 

@@ -104,6 +104,16 @@ struct Generic {
   }
 
   template <typename T>
+  static void dense_order(const float* x, int64_t n, float* xp) {
+    std::copy_n(x, n, xp);
+  }
+
+  template <int Q, typename T>
+  static void dense_dots(const float* xp, const T* const* b, int64_t n, float* out) {
+    dots<Q>(xp, b, n, out);
+  }
+
+  template <typename T>
   static void axpy(float a, const T* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += a * to_float(x[i]);
   }

@@ -180,6 +180,18 @@ struct Neon : Generic {
     }
   }
 
+  // Dense rows through dots (the layer's own; Generic's would be scalar): vshll widens bfloat16
+  // in order, so x needs no permutation.
+  template <typename T>
+  static void dense_order(const float* x, int64_t n, float* xp) {
+    std::copy_n(x, n, xp);
+  }
+
+  template <int Q, typename T>
+  static void dense_dots(const float* xp, const T* const* b, int64_t n, float* out) {
+    dots<Q>(xp, b, n, out);
+  }
+
   template <typename T>
   static void axpy(float a, const T* x, float* y, int64_t n) {
     int64_t i = 0;

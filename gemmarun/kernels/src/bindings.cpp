@@ -28,6 +28,7 @@ QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("variant", &variant, "the ISA layer this build was compiled for");
   m.def("qlinear", &qlinear, "quantised linears sharing one input, int16 activations");
+  m.def("dense_linear", &dense_linear, "x against dense float32 or bfloat16 weights, float32 sums, in x's dtype");
   m.def("decode_attention", &decode_attention, "attention for T positions per cache row with rope and cache write (float32, float16 or bfloat16 cache)");
   m.def("rms_norm", &rms_norm, "Gemma RMSNorm with the (1 + w) scale, plus an optional residual, float32",
         py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("residual") = py::none());

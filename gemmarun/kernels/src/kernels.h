@@ -21,6 +21,8 @@ const char* variant();
 std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::vector<at::Tensor> scales,
                                 std::vector<c10::optional<at::Tensor>> mins, std::vector<int64_t> groups,
                                 std::vector<double> zeros, std::vector<int64_t> bits);
+// dense.cpp: x (..., K) against dense float32 or bfloat16 weights (N, K), for a few rows.
+at::Tensor dense_linear(at::Tensor x, at::Tensor w);
 // attention.cpp: attention for T positions per cache row (a decoding step: T = 1), with rope and the cache write.
 at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kc, at::Tensor vc, at::Tensor slots,
                             at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap);
