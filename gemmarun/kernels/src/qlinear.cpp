@@ -11,11 +11,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <atomic>
-
 #include "../isa/select.h"
 #include "kernels.h"
 #include "qdot.h"
+#include "tiles.h"
 
 namespace GEMMARUN_NS {
 
@@ -62,36 +61,14 @@ void run(const float* x, int64_t M, int64_t K, std::vector<Weight>& ws) {
     w.xg = xg;
     at += M * (K / w.group);
   }
-  // Each thread streams a region of its own (tiles numbered across the matrices, cut in equal
-  // runs) and, once it is drained, takes what is left of the others' from their counters: a thread
-  // that starts late or streams slower leaves no one waiting at the end of a call, and each still
-  // reads one long run of memory. Two threads drawing 4 tiles at a time from one counter
-  // interleaved their reads and streamed the 262k x 640 int8 LM head ~8% slower (AMD EPYC,
-  // family 23).
-  const int64_t ntiles = first[n], threads = at::get_num_threads();
-  struct alignas(64) Counter {  // a cache line each: the owner's claims do not disturb the others'
-    std::atomic<int64_t> next;
-  };
-  auto start_of = [&](int64_t region) { return ntiles * region / threads; };  // region r: [start_of(r), start_of(r + 1))
-  thread_local std::vector<Counter> counters;
-  if (static_cast<int64_t>(counters.size()) != threads) counters = std::vector<Counter>(threads);
-  for (int64_t i = 0; i < threads; ++i) counters[i].next = start_of(i);
-  const int64_t* starts = first.data();  // local names for the workers, as in quantise_rows
-  Counter* next = counters.data();
-  at::parallel_for(0, threads, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t own = r0; own < r1; ++own)
-      for (int64_t k = 0; k < threads; ++k) {
-        const int64_t region = (own + k) % threads, end = start_of(region + 1);
-        for (int64_t t0; (t0 = next[region].next.fetch_add(TILES_TAKEN)) < end;) {
-          for (int64_t t = t0; t < std::min(t0 + TILES_TAKEN, end); ++t) {
-            int64_t i = 0;
-            while (t >= starts[i + 1]) ++i;  // a handful of matrices: a scan beats a search
-            const Weight& w = ws[i];
-            const int64_t r = (t - starts[i]) * WEIGHT_TILE;
-            matrix_rows<Isa>(w, xq, M, K, r, std::min(r + WEIGHT_TILE, w.N));
-          }
-        }
-      }
+  // Tiles numbered across the matrices, shared out by for_each_tile (tiles.h).
+  const int64_t* starts = first.data();  // a local name for the workers, as in quantise_rows
+  for_each_tile(first[n], TILES_TAKEN, [&](int64_t t) {
+    int64_t i = 0;
+    while (t >= starts[i + 1]) ++i;  // a handful of matrices: a scan beats a search
+    const Weight& w = ws[i];
+    const int64_t r = (t - starts[i]) * WEIGHT_TILE;
+    matrix_rows<Isa>(w, xq, M, K, r, std::min(r + WEIGHT_TILE, w.N));
   });
 }
 
