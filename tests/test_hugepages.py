@@ -86,7 +86,9 @@ def test_a_saved_checkpoint_is_read_into_huge_pages(tmp_path, monkeypatch, schem
     ids = lm.generate("a b c", max_new_tokens=6).token_ids
     monkeypatch.setattr(Arena, "advises", property(lambda self: False))  # the mapped load of systems without THP
     mapped = gemmarun.load(saved)
-    assert not any(advised(m.qweight) for m in mapped.model.modules() if isinstance(m, _QuantWeight))
+    # int4's 6-bit qweight is re-laid into the heap, which may reuse memory an earlier, freed arena
+    # advised (a small test arena comes from malloc's heap): only fields left in the file are checked
+    assert not any(advised(m.qweight) for m in mapped.model.modules() if isinstance(m, _QuantWeight) and m.bits != 6)
     assert mapped.generate("a b c", max_new_tokens=6).token_ids == ids
 
 
