@@ -225,6 +225,18 @@ void check_qmatmul() {
 
 // ---- float kernels ----
 
+// `count` rows of n values made from normal draws, and a pointer to each in ptr.
+template <typename T>
+std::vector<std::vector<T>> random_rows(int count, int64_t n, T (*make)(float), std::vector<const T*>& ptr) {
+  std::vector<std::vector<T>> rows(count, std::vector<T>(n));
+  for (auto& row : rows) {
+    const std::vector<float> v = randn(n);
+    for (int64_t i = 0; i < n; ++i) row[i] = make(v[i]);
+    ptr.push_back(row.data());
+  }
+  return rows;
+}
+
 template <typename T>
 void check_dot_axpy(const char* type, T (*make)(float)) {
   Check c(std::string("dot and axpy over ") + type);
@@ -244,13 +256,8 @@ void check_dot_axpy(const char* type, T (*make)(float)) {
   // rest on it: a key's terms must not depend on how many keys a call takes at once)
   Check e(std::string("dots and axpys over ") + type + " equal dot and axpy");
   for (int64_t n : {1, 7, 8, 9, 63, 64, 65, 72, 130, 256}) {
-    std::vector<std::vector<T>> rows(5, std::vector<T>(n));
     std::vector<const T*> ptr;
-    for (auto& row : rows) {
-      const std::vector<float> v = randn(n);
-      for (int64_t i = 0; i < n; ++i) row[i] = make(v[i]);
-      ptr.push_back(row.data());
-    }
+    const auto rows = random_rows(5, n, make, ptr);
     const std::vector<float> a = randn(n), p = randn(5);
     float four[4], one;
     V::template dots<4>(a.data(), ptr.data() + 1, n, four);
@@ -274,13 +281,8 @@ void check_dense(const char* type, T (*make)(float)) {
   Check e(std::string("dense_dots over ") + type + ": 4 rows equal 1");
   for (int64_t n : {1, 7, 15, 16, 17, 31, 32, 48, 64, 100, 640, 2304}) {
     const std::vector<float> a = randn(n);
-    std::vector<std::vector<T>> rows(4, std::vector<T>(n));
     std::vector<const T*> ptr;
-    for (auto& row : rows) {
-      const std::vector<float> v = randn(n);
-      for (int64_t i = 0; i < n; ++i) row[i] = make(v[i]);
-      ptr.push_back(row.data());
-    }
+    const auto rows = random_rows(4, n, make, ptr);
     std::vector<float> xp(n);
     V::template dense_order<T>(a.data(), n, xp.data());
     float four[4];
