@@ -13,6 +13,7 @@ from .generation.drafts import check_draft_vocabulary
 from .generation.generator import Generator
 from .generation.sampling import SamplingParams
 from .generation.speculative import SpeculativeConfig, Speculator
+from .quant import on_kernel
 from .weights.loader import load_checkpoint, parse_dtype, warn_dtype
 from .weights.source import resolve
 
@@ -33,7 +34,7 @@ class LanguageModel:
         if context is not None and context > limit:
             raise ContextLengthError(f"context {context} exceeds the model's limit of {limit} tokens")
         self.context = context or limit
-        if compile and model.decode_stack():
+        if compile and any(on_kernel(m) for m in model.modules()):
             raise InvalidParameterError(
                 "compile applies to models that decode through PyTorch; this one's packed or quantised weights "
                 "decode in gemmarun's C++ kernels already (load with quantize='none' / --quantize none to compile)"

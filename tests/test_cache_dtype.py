@@ -43,7 +43,7 @@ def _logits(lm, ids: torch.Tensor, prompt: int) -> tuple[torch.Tensor, str]:
     return torch.cat(out), str(cache.k[0].dtype)
 
 
-@pytest.mark.parametrize("path", ["torch ops", "attention kernel", "decode stack"])
+@pytest.mark.parametrize("path", ["torch ops", "attention kernel", "decode stack", "dense decode stack"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_cache_decodes_within_rounding(folder, monkeypatch, path, dtype):
     if path != "torch ops" and attention_kernel() is None:
@@ -53,7 +53,9 @@ def test_half_precision_cache_decodes_within_rounding(folder, monkeypatch, path,
     quantize = "int8" if path == "decode stack" else None
     ref = gemmarun.load(folder, quantize=quantize)
     lm = gemmarun.load(folder, quantize=quantize, cache_dtype=dtype)
-    assert bool(lm.model.decode_stack()) == (path == "decode stack")
+    if "stack" not in path:
+        lm.model._stack = False  # the layers as modules
+    assert bool(lm.model.decode_stack()) == ("stack" in path)
     ids = torch.randint(3, lm.config.vocab_size, (52,), generator=torch.Generator().manual_seed(1))
     want, want_dtype = _logits(ref, ids, 28)  # 28 + 24 tokens: well past the window of 16
     got, got_dtype = _logits(lm, ids, 28)

@@ -152,10 +152,10 @@ def test_only_a_ring_with_room_writes_first():
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 @pytest.mark.parametrize("t", [2, 5, 9])
 def test_a_verify_forward_through_the_stack_equals_single_steps(checkpoint, kind, quantize, t):
-    """The whole packed tiny model past the sliding window: T positions through the decode stack
+    """The whole tiny model (dense float32 or packed) past the sliding window: T positions through the decode stack
     against T decoding steps: logits and cache within MODEL_BOUND; and bit-identical to the same
     forward with the layers run as modules (the stack computes what they do)."""
     lm = gemmarun.load(checkpoint(kind, seed=3), quantize=quantize)

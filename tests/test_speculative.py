@@ -29,6 +29,7 @@ from gemmarun.generation.speculative import (
     decode_round,
     ring_extra,
 )
+from gemmarun.model.backend import DENSE_FUSED_MAX_POSITIONS
 from gemmarun.model.cache import KVCache
 
 
@@ -187,9 +188,8 @@ def test_cache_after_rejections_equals_a_cache_that_never_saw_them(lm):
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_verify_logits_against_single_steps(checkpoint, quantize):
-    """Packed weights run the fused stack, whose verify forward has exactly a single step's logits
-    (so no greedy choice is left undecided there); dense float32 runs PyTorch's ops, whose logits
-    differ in the last bits, far less than the TIE_MARGIN the undecided rule guards."""
+    """With the kernels, packed and dense weights run the fused stack, whose verify forward has
+    exactly a single step's logits (so no greedy choice is left undecided there)."""
     lm = gemmarun.load(checkpoint("gemma3", seed=3), quantize=quantize)
     model, ids = lm.model, _ids(40, 4)
     with torch.inference_mode():
@@ -199,12 +199,29 @@ def test_verify_logits_against_single_steps(checkpoint, quantize):
         b = KVCache.for_model(model, 1, 64, ring_extra=9)
         core.prefill(model, b, [ids[:30]])
         verify = core.forward(model, b, [ids[30:39]], [30], last=False)[0]
-    assert model.fuses(9, b) == (quantize is not None)
-    if quantize is not None:
+    assert model.fuses(9, b) == bool(model.decode_stack())
+    if model.fuses(9, b):
         assert torch.equal(single, verify)
     else:
-        gap = float((single - verify).abs().max())
-        assert gap < TIE_MARGIN / 4, gap
+        assert float((single - verify).abs().max()) < TIE_MARGIN / 4
+
+
+def test_a_long_dense_verify_runs_the_layers_within_the_tie_margin(checkpoint):
+    """Past DENSE_FUSED_MAX_POSITIONS a dense model's forward runs its layers as modules (PyTorch's
+    GEMM), whose logits differ from single steps' in the last bits, far less than the TIE_MARGIN
+    the undecided rule guards."""
+    lm = gemmarun.load(checkpoint("gemma3", seed=3))
+    model, ids, t = lm.model, _ids(50, 4), DENSE_FUSED_MAX_POSITIONS + 1
+    with torch.inference_mode():
+        a = KVCache.for_model(model, 1, 64, ring_extra=t)
+        core.prefill(model, a, [ids[:30]])
+        single = torch.stack([core.decode(model, a, [ids[30 + j]], [30 + j])[0] for j in range(t)])
+        b = KVCache.for_model(model, 1, 64, ring_extra=t)
+        core.prefill(model, b, [ids[:30]])
+        verify = core.forward(model, b, [ids[30 : 30 + t]], [30], last=False)[0]
+    assert not model.fuses(t, b) and model.fuses(t - 1, b) == bool(model.decode_stack())
+    gap = float((single - verify).abs().max())
+    assert gap < TIE_MARGIN / 4, gap
 
 
 def test_an_undecided_greedy_choice_goes_to_a_plain_step(lm):

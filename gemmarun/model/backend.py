@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import QuantLinear, linears, on_kernel
+from ..quant import linears, on_kernel
+from ..quant.prefill import SMALL_ROWS
 
 # Positions per row the attention kernel and the decode stack take: a verify forward has at most 33
 # (32 drafts + 1); longer chunks are prefill, which keeps the batched matmuls quant/prefill.py
@@ -26,6 +27,10 @@ from ..quant import QuantLinear, linears, on_kernel
 # (EPYC, 2 threads, after 200 tokens): the stack is faster at 16 positions (116 against 127 ms),
 # level at 32 and 8% slower at 64, so the cap is what speculation needs.
 FUSED_MAX_POSITIONS = 33
+# A stack of dense matrices runs every product in the matrix-vector kernel, which the layers as
+# modules use under SMALL_ROWS rows only (PyTorch's GEMM is faster from there): so it takes fewer
+# positions, and a prompt of 16 tokens or more prefills through the GEMM as before.
+DENSE_FUSED_MAX_POSITIONS = SMALL_ROWS - 1
 
 
 def _eager() -> bool:
@@ -84,18 +89,46 @@ class Backend:
         return out.view(b, t, h * d)
 
     def decode_stack(self, model: nn.Module):
-        """The C++ loop over every decoder layer of a one-token step, when all matrices are packed for
-        the kernel and activations are float32; None otherwise (the layers run as modules)."""
+        """The C++ loop over every decoder layer of a one-token step, when each group of matrices
+        sharing an input (q, k, v; o; gate, up; down) is all packed for the kernel or all dense
+        float32 / bfloat16, and the model's dtype is one of those two; None otherwise (the layers
+        run as modules). The stack's activations are float32: a bfloat16 model's weights stay
+        bfloat16 (widened exactly in the products) and its rows are rounded to bfloat16 again after
+        the last layer (Gemma.forward)."""
         m = self.stack_module
-        if m is None or not _eager() or model.dtype != torch.float32:
+        if m is None or not _eager() or model.dtype not in STACK_DTYPES:
             return None
         layers = model.model.layers
-        if not all(on_kernel(x) for x in layers.modules() if isinstance(x, (nn.Linear, QuantLinear))):
+        if not all(_group_kind(group) for layer in layers for group in _groups(layer)):
             return None
         return m.DecodeStack([decode_layer(m, layer) for layer in layers], model.config.rms_norm_eps)
 
 
 TORCH_OPS = Backend()
+
+STACK_DTYPES = (torch.float32, torch.bfloat16)  # model dtypes the decode stack takes (float16 overflows)
+
+
+def _groups(layer) -> tuple[tuple[nn.Module, ...], ...]:
+    """A decoder layer's matrices in the groups that share an input, as DecodeLayer takes them."""
+    a, mlp = layer.self_attn, layer.mlp
+    return (a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)
+
+
+def _is_dense(x: nn.Module) -> bool:
+    return isinstance(x, nn.Linear) and x.weight.device.type == "cpu" and x.weight.dtype in STACK_DTYPES and x.weight.is_contiguous()
+
+
+def _group_kind(group) -> str | None:
+    """'packed' or 'dense' when the stack takes every matrix of the group that way, else None."""
+    if all(on_kernel(x) for x in group):
+        return "packed"
+    return "dense" if all(_is_dense(x) for x in group) else None
+
+
+def has_dense_group(model: nn.Module) -> bool:
+    """Whether any of the model's decoder layers keeps dense matrices (see DENSE_FUSED_MAX_POSITIONS)."""
+    return any(_group_kind(g) == "dense" for layer in model.model.layers for g in _groups(layer))
 
 
 def kernel_backend(module) -> Backend:
@@ -105,14 +138,14 @@ def kernel_backend(module) -> Backend:
 
 def decode_layer(m, layer) -> Any:
     """A decoder layer (model.Block) as the extension's typed DecodeLayer: its norm weights in float32,
-    its packed matrices (qlinear's arguments) and its attention shape."""
-    a, mlp = layer.self_attn, layer.mlp
+    its matrices (qlinear's arguments when packed, the weight when dense) and its attention shape."""
+    a = layer.self_attn
+    qkv, o, gate_up, down = (m.Matrices([x.kernel_args if on_kernel(x) else x.weight for x in g]) for g in _groups(layer))
     return m.DecodeLayer(
         input_norm=layer.input_layernorm.weight.float(), post_attention_norm=layer.post_attention_layernorm.weight.float(),
         pre_feedforward_norm=layer.pre_feedforward_layernorm.weight.float(),
         post_feedforward_norm=layer.post_feedforward_layernorm.weight.float(),
         q_norm=a.q_norm.weight.float() if a.qk_norm else None, k_norm=a.k_norm.weight.float() if a.qk_norm else None,
-        qkv=m.Matrices([x.kernel_args for x in (a.q_proj, a.k_proj, a.v_proj)]), o=m.Matrices([a.o_proj.kernel_args]),
-        gate_up=m.Matrices([x.kernel_args for x in (mlp.gate_proj, mlp.up_proj)]), down=m.Matrices([mlp.down_proj.kernel_args]),
+        qkv=qkv, o=o, gate_up=gate_up, down=down,
         sliding=a.sliding, heads=a.n_heads, kv_heads=a.n_kv, head_dim=a.head_dim, scale=a.scale, softcap=a.softcap or 0.0,
     )  # fmt: skip

@@ -16,7 +16,7 @@ from ..kernels import attention_kernel, decode_stack_module, dense_linear_kernel
 from ..quant.gemm import run_dense
 from ..quant.prefill import SMALL_ROWS
 from ..quant.prefill import path as prefill_path
-from .backend import FUSED_MAX_POSITIONS, TORCH_OPS, Backend
+from .backend import DENSE_FUSED_MAX_POSITIONS, FUSED_MAX_POSITIONS, TORCH_OPS, Backend, has_dense_group
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
 
@@ -198,6 +198,7 @@ class Gemma(nn.Module):
         self.rope_local = Rope(config.head_dim, config.rope_local_theta)
         self._ops: Backend | None = None  # chosen on the first forward after loading or moving
         self._stack = None  # the C++ decode loop over the layers, built on the first decoding step
+        self._stack_positions = 0  # the most positions per row it takes
         self._cache_dtype: torch.dtype | None = None
         self._embed_scales: dict[torch.dtype, torch.Tensor] = {}
 
@@ -226,16 +227,18 @@ class Gemma(nn.Module):
         return (
             cache is not None
             and not torch.compiler.is_compiling()
-            and positions <= FUSED_MAX_POSITIONS
-            and cache.writes_first(positions)
             and bool(self.decode_stack())
+            and positions <= self._stack_positions
+            and cache.writes_first(positions)
         )
 
     def decode_stack(self):
-        """Every layer of a one-token step in one C++ call, when all matrices are quantised for the
-        kernel and activations are float32 on CPU; False otherwise (the layers run as modules)."""
+        """Every layer of a one-token step in one C++ call on CPU, when its matrices are packed for
+        the kernel or dense float32 / bfloat16 (Backend.decode_stack); False otherwise (the layers
+        run as modules)."""
         if self._stack is None:
             self._stack = self.ops.decode_stack(self) or False
+            self._stack_positions = DENSE_FUSED_MAX_POSITIONS if self._stack and has_dense_group(self) else FUSED_MAX_POSITIONS
         return self._stack
 
     def _embed_scale(self, dtype: torch.dtype) -> torch.Tensor:
@@ -286,21 +289,23 @@ class Gemma(nn.Module):
         cos_l, sin_l = self.rope_local.cos_sin(positions, dtype)
         b, t = tokens.shape
         if self.fuses(t, cache):
+            # float32 activations in the stack; a bfloat16 model's (and its rope tables) widen
+            # exactly, and its rows are rounded back once after the last layer
             g, s = plans["global"], plans["sliding"]
             x = self._stack.forward(
-                x.view(b * t, -1),
+                x.view(b * t, -1).float(),
                 cache.k,
                 cache.v,
-                cos_g.view(b * t, -1),
-                sin_g.view(b * t, -1),
+                cos_g.view(b * t, -1).float(),
+                sin_g.view(b * t, -1).float(),
                 g.slots,
                 g.mask.view(b, t, -1),
-                cos_l.view(b * t, -1),
-                sin_l.view(b * t, -1),
+                cos_l.view(b * t, -1).float(),
+                sin_l.view(b * t, -1).float(),
                 s.slots,
                 s.mask.view(b, t, -1),
             )
-            x = x.view(b, t, -1)
+            x = x.view(b, t, -1).to(dtype)
         else:
             ops = self.ops
             for layer in self.model.layers:

@@ -8,9 +8,16 @@ using namespace GEMMARUN_NS;
 
 namespace {
 
-QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, bits), ...]
-  QuantMatrices m;
+Matrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, bits), ...] or [weight, ...]
+  Matrices m;
   for (auto a : args) {
+    if (!py::isinstance<py::tuple>(a)) {
+      at::Tensor w = a.cast<at::Tensor>();
+      TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+                  "a dense matrix is a contiguous float32 or bfloat16 (N, K) weight");
+      m.dense.push_back(w);
+      continue;
+    }
     auto t = a.cast<py::tuple>();
     TORCH_CHECK(t.size() == 6, "each matrix is (q, scales, mins, group, zero, bits)");
     m.q.push_back(t[0].cast<at::Tensor>());
@@ -20,6 +27,7 @@ QuantMatrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, 
     m.zeros.push_back(t[4].cast<double>());
     m.bits.push_back(t[5].cast<int64_t>());
   }
+  TORCH_CHECK(m.q.empty() || m.dense.empty(), "matrices sharing an input are all packed or all dense");
   return m;
 }
 
@@ -38,15 +46,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // module_local: each variant registers its own classes (pybind11 keeps one registry per process).
   // The decode stack's contract with Python (gemmarun/backend.py builds it): typed classes with named
   // fields, so a missing, misspelt or mistyped field fails at construction, not as a wrong layer.
-  py::class_<QuantMatrices>(m, "Matrices", py::module_local())
-      .def(py::init(&matrices), py::arg("args"), "the qlinear arguments (q, scales, mins, group, zero, bits) of matrices sharing an input")
-      .def_property_readonly("count", [](const QuantMatrices& q) { return q.q.size(); });
+  py::class_<Matrices>(m, "Matrices", py::module_local())
+      .def(py::init(&matrices), py::arg("args"),
+           "matrices sharing an input: the qlinear arguments (q, scales, mins, group, zero, bits) of each, or each dense weight")
+      .def_property_readonly("count", &Matrices::count);
   py::class_<DecodeLayer>(m, "DecodeLayer", py::module_local())
       .def(py::init([](at::Tensor input_norm, at::Tensor post_attention_norm, at::Tensor pre_feedforward_norm,
                        at::Tensor post_feedforward_norm, c10::optional<at::Tensor> q_norm, c10::optional<at::Tensor> k_norm,
-                       QuantMatrices qkv, QuantMatrices o, QuantMatrices gate_up, QuantMatrices down, bool sliding,
+                       Matrices qkv, Matrices o, Matrices gate_up, Matrices down, bool sliding,
                        int64_t heads, int64_t kv_heads, int64_t head_dim, double scale, double softcap) {
-             TORCH_CHECK(qkv.q.size() == 3 && o.q.size() == 1 && gate_up.q.size() == 2 && down.q.size() == 1,
+             TORCH_CHECK(qkv.count() == 3 && o.count() == 1 && gate_up.count() == 2 && down.count() == 1,
                          "a decoder layer has q, k, v; o; gate, up; down");
              TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm come together (Gemma 3)");
              return DecodeLayer{input_norm, post_attention_norm, pre_feedforward_norm, post_feedforward_norm, q_norm, k_norm,
@@ -55,7 +64,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::kw_only(), py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("pre_feedforward_norm"),
            py::arg("post_feedforward_norm"), py::arg("q_norm"), py::arg("k_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
            py::arg("down"), py::arg("sliding"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"),
-           py::arg("softcap"), "one decoder layer's float32 norm weights, packed matrices and attention shape (softcap 0: none)")
+           py::arg("softcap"), "one decoder layer's float32 norm weights, packed or dense matrices and attention shape (softcap 0: none)")
       .def_readonly("sliding", &DecodeLayer::sliding)
       .def_readonly("heads", &DecodeLayer::heads)
       .def_readonly("kv_heads", &DecodeLayer::kv_heads)

@@ -6,8 +6,11 @@ namespace GEMMARUN_NS {
 
 namespace {
 
-std::vector<at::Tensor> project(const at::Tensor& x, const QuantMatrices& m) {
-  return qlinear(x, m.q, m.scales, m.mins, m.groups, m.zeros, m.bits);
+std::vector<at::Tensor> project(const at::Tensor& x, const Matrices& m) {
+  if (m.dense.empty()) return qlinear(x, m.q, m.scales, m.mins, m.groups, m.zeros, m.bits);
+  std::vector<at::Tensor> out;  // float32 x: float32 results, whatever the weights' dtype
+  for (const at::Tensor& w : m.dense) out.push_back(dense_linear(x, w));
+  return out;
 }
 
 }  // namespace

@@ -51,8 +51,8 @@ void run(const float* x, const T* w, int64_t M, int64_t K, int64_t N, float* out
   const float* xp = buffer.data();  // a local name: the workers must see this thread's buffer, not their own
   for (int64_t m = 0; m < M; ++m) Isa::dense_order<T>(x + m * K, K, buffer.data() + m * K);
   // Each thread its own run of tiles, then what the others left (tiles.h, as qlinear shares them).
-  // Against a plain equal split it measured level: the 2B's 9216 x 2304 bf16 calls stream at 14-16
-  // GB/s either way, the 256000-row LM head at 19-22, for a reason not found yet.
+  // Against a plain equal split it measured level: a decoding step's 9216 x 2304 bf16 calls of the
+  // 2B stream at 17-19 GB/s either way, its LM head at 18 (probe 20-22).
   const int64_t tiles = (N + DENSE_TILE - 1) / DENSE_TILE;
   for_each_tile(tiles, 1, [&](int64_t t) { weight_rows(xp, w, M, K, N, t * DENSE_TILE, std::min((t + 1) * DENSE_TILE, N), out); });
 }

@@ -33,18 +33,20 @@ at::Tensor geglu(at::Tensor gate, at::Tensor up);
 std::tuple<at::Tensor, at::Tensor> int4_search(at::Tensor w, c10::optional<at::Tensor> importance, int64_t group);
 
 // decode.cpp: a stack of decoder layers run for T tokens per row, with no Python between layers.
-struct QuantMatrices {  // the kernel arguments of matrices that share an input
+struct Matrices {  // matrices that share an input: all packed (qlinear's arguments) or all dense
   std::vector<at::Tensor> q, scales;
   std::vector<c10::optional<at::Tensor>> mins;
   std::vector<int64_t> groups;
   std::vector<double> zeros;
   std::vector<int64_t> bits;
+  std::vector<at::Tensor> dense;  // float32 or bfloat16 weights (N, K), for dense_linear
+  size_t count() const { return q.size() + dense.size(); }
 };
 
 struct DecodeLayer {
   at::Tensor input_norm, post_attention_norm, pre_feedforward_norm, post_feedforward_norm;
   c10::optional<at::Tensor> q_norm, k_norm;  // Gemma 3
-  QuantMatrices qkv, o, gate_up, down;
+  Matrices qkv, o, gate_up, down;
   bool sliding;
   int64_t heads, kv_heads, head_dim;
   double scale, softcap;  // softcap 0: none
