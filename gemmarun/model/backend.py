@@ -88,20 +88,22 @@ class Backend:
                                     sin.reshape(b * t, -1).contiguous(), scale, softcap or 0.0)  # fmt: skip
         return out.view(b, t, h * d)
 
-    def decode_stack(self, model: nn.Module):
-        """The C++ loop over every decoder layer of a one-token step, when each group of matrices
-        sharing an input (q, k, v; o; gate, up; down) is all packed for the kernel or all dense
-        float32 / bfloat16, and the model's dtype is one of those two; None otherwise (the layers
-        run as modules). The stack's activations are float32: a bfloat16 model's weights stay
-        bfloat16 (widened exactly in the products) and its rows are rounded to bfloat16 again after
-        the last layer (Gemma.forward)."""
+    def decode_stack(self, model: nn.Module) -> tuple[Any, int] | None:
+        """The C++ loop over every decoder layer of a one-token step and the most positions per row
+        it takes, when each group of matrices sharing an input (q, k, v; o; gate, up; down) is all
+        packed for the kernel or all dense float32 / bfloat16, and the model's dtype is one of
+        those two; None otherwise (the layers run as modules). The stack's activations are float32:
+        a bfloat16 model's weights stay bfloat16 (widened exactly in the products) and its rows are
+        rounded to bfloat16 again after the last layer (Gemma.forward)."""
         m = self.stack_module
         if m is None or not _eager() or model.dtype not in STACK_DTYPES:
             return None
         layers = model.model.layers
-        if not all(_group_kind(group) for layer in layers for group in _groups(layer)):
+        kinds = {_group_kind(group) for layer in layers for group in _groups(layer)}
+        if None in kinds:
             return None
-        return m.DecodeStack([decode_layer(m, layer) for layer in layers], model.config.rms_norm_eps)
+        stack = m.DecodeStack([decode_layer(m, layer) for layer in layers], model.config.rms_norm_eps)
+        return stack, DENSE_FUSED_MAX_POSITIONS if "dense" in kinds else FUSED_MAX_POSITIONS
 
 
 TORCH_OPS = Backend()
@@ -124,11 +126,6 @@ def _group_kind(group) -> str | None:
     if all(on_kernel(x) for x in group):
         return "packed"
     return "dense" if all(_is_dense(x) for x in group) else None
-
-
-def has_dense_group(model: nn.Module) -> bool:
-    """Whether any of the model's decoder layers keeps dense matrices (see DENSE_FUSED_MAX_POSITIONS)."""
-    return any(_group_kind(g) == "dense" for layer in model.model.layers for g in _groups(layer))
 
 
 def kernel_backend(module) -> Backend:

@@ -16,7 +16,7 @@ from ..kernels import attention_kernel, decode_stack_module, dense_linear_kernel
 from ..quant.gemm import run_dense
 from ..quant.prefill import SMALL_ROWS
 from ..quant.prefill import path as prefill_path
-from .backend import DENSE_FUSED_MAX_POSITIONS, FUSED_MAX_POSITIONS, TORCH_OPS, Backend, has_dense_group
+from .backend import TORCH_OPS, Backend
 from .cache import AttnPlan, KVCache, plan_without_cache
 from .config import GemmaConfig
 
@@ -237,8 +237,7 @@ class Gemma(nn.Module):
         the kernel or dense float32 / bfloat16 (Backend.decode_stack); False otherwise (the layers
         run as modules)."""
         if self._stack is None:
-            self._stack = self.ops.decode_stack(self) or False
-            self._stack_positions = DENSE_FUSED_MAX_POSITIONS if self._stack and has_dense_group(self) else FUSED_MAX_POSITIONS
+            self._stack, self._stack_positions = self.ops.decode_stack(self) or (False, 0)
         return self._stack
 
     def _embed_scale(self, dtype: torch.dtype) -> torch.Tensor:

@@ -13,8 +13,7 @@ Matrices matrices(py::sequence args) {  // [(q, scales, mins, group, zero, bits)
   for (auto a : args) {
     if (!py::isinstance<py::tuple>(a)) {
       at::Tensor w = a.cast<at::Tensor>();
-      TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
-                  "a dense matrix is a contiguous float32 or bfloat16 (N, K) weight");
+      check_dense_weight(w);  // at construction, not at the first step
       m.dense.push_back(w);
       continue;
     }

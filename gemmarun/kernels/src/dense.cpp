@@ -61,9 +61,13 @@ void run(const float* x, const T* w, int64_t M, int64_t K, int64_t N, float* out
 
 // x (..., K) float32 or bfloat16 against w (N, K) float32 or bfloat16 -> (..., N) in x's dtype,
 // summed in float32 (as PyTorch's bfloat16 GEMM sums, rounded to bfloat16 once at the end).
-at::Tensor dense_linear(at::Tensor x, at::Tensor w) {
+void check_dense_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
               "w must be contiguous float32 or bfloat16 (N, K)");
+}
+
+at::Tensor dense_linear(at::Tensor x, at::Tensor w) {
+  check_dense_weight(w);
   TORCH_CHECK(x.dim() >= 1 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "x must be float32 or bfloat16 (..., K)");
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(K > 0 && x.size(-1) == K, "x (..., K) and w (N, K) must share K > 0");

@@ -23,6 +23,7 @@ std::vector<at::Tensor> qlinear(at::Tensor x, std::vector<at::Tensor> qs, std::v
                                 std::vector<double> zeros, std::vector<int64_t> bits);
 // dense.cpp: x (..., K) against dense float32 or bfloat16 weights (N, K), for a few rows.
 at::Tensor dense_linear(at::Tensor x, at::Tensor w);
+void check_dense_weight(const at::Tensor& w);  // what dense_linear takes as w, or a clear error
 // attention.cpp: attention for T positions per cache row (a decoding step: T = 1), with rope and the cache write.
 at::Tensor decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kc, at::Tensor vc, at::Tensor slots,
                             at::Tensor mask, at::Tensor cos, at::Tensor sin, double scale, double softcap);
