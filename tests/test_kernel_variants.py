@@ -191,8 +191,9 @@ def test_decode_stack_equals_generic(generic, variant, kind, scheme, checkpoint)
     from gemmarun.model.cache import KVCache
 
     model = gemmarun.load(checkpoint(kind, seed=5, initializer_range=0.05), quantize=scheme).model
-    stacks = [kernel_backend(m).decode_stack(model) for m in (variant, generic)]
-    assert None not in stacks
+    built = [kernel_backend(m).decode_stack(model) for m in (variant, generic)]  # (stack, positions) each
+    assert None not in built
+    stacks = [stack for stack, _ in built]
     ids = torch.randint(3, model.config.vocab_size, (2, 30), generator=_gen(6))
     caches = [KVCache(model.config, 2, 30, torch.float32) for _ in stacks]
     with torch.inference_mode():
